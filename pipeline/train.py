@@ -1,0 +1,208 @@
+"""The training stage: QLoRA SFT of a causal LM on ``"<name> ->:"`` -> ``" <department><eos>"``.
+
+Reads top to bottom: parse config, load data, load model, train (resuming from the last
+checkpoint in RUN_DIR), save the run directory, evaluate. RUN_DIR holds ``adapter/``,
+``labels.json``, ``config.yaml``, ``metrics.json``, ``train_log.json``, ``loss.png`` and,
+while training, ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from datasets import Dataset
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from pipeline import tracking
+from pipeline.config import Recipe, load_recipe, save_recipe
+from pipeline.data import DataError, prepare, read_labels, read_split, to_prompt_completion
+from pipeline.model import fit_embeddings, load_base_model, load_tokenizer, peft_lora_config, resolve_base_model, train_device
+
+log = logging.getLogger(__name__)
+
+# Sections whose change makes an existing checkpoint the wrong starting point...
+TRAINING_SECTIONS = ("data", "model", "lora", "train")
+# ...except these keys, which a resumed run may change (train longer, save more often, move data).
+RESUME_SAFE_KEYS = {"data.dir", "train.max_steps", "train.num_train_epochs", "train.save_steps",
+                    "train.save_total_limit", "train.logging_steps", "train.dataloader_num_workers"}
+
+
+def ensure_prepared(recipe: Recipe) -> Path:
+    """Return DATA_DIR, preparing it from the recipe's data section if it is missing."""
+    data_dir = Path(recipe.data.dir)
+    summary_path = data_dir / "prepare.json"
+    if not (data_dir / "train.parquet").is_file():
+        log.info("preparing %s from data.source=%s", data_dir, recipe.data.source)
+        prepare(recipe.data, data_dir)
+    elif summary_path.is_file():
+        options = json.loads(summary_path.read_text()).get("options", {})
+        wanted = {"keep_missing": recipe.data.keep_missing, "join_order": recipe.data.join_order,
+                  "test_size": recipe.data.test_size, "split_seed": recipe.data.split_seed}
+        differing = {k: (options.get(k), v) for k, v in wanted.items() if options.get(k) != v}
+        if differing:
+            raise DataError(f"{summary_path}: prepared with other options than the recipe's "
+                            f"(prepared, recipe): {differing}; use another data.dir")
+    return data_dir
+
+
+def check_resumable(run: Path, recipe: Recipe) -> None:
+    """Refuse to resume a checkpoint that another recipe wrote."""
+    saved_path = run / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    current = recipe.to_dict()
+    changed = [f"{s}.{k}" for s in TRAINING_SECTIONS for k in current[s]
+               if saved.get(s, {}).get(k) != current[s][k] and f"{s}.{k}" not in RESUME_SAFE_KEYS]
+    if changed:
+        raise ValueError(f"{run} holds a run of another recipe (differs in {', '.join(changed)}); "
+                         "use a new --output or delete it")
+
+
+def sft_config(recipe: Recipe, run: Path, device: str) -> SFTConfig:
+    t = recipe.train
+    on_cuda = device.startswith("cuda")
+    optim, bf16, fp16 = t.optim, t.bf16, t.fp16
+    if optim.startswith("paged_") and not on_cuda:
+        log.warning("optim=%s pages optimizer state through CUDA unified memory; on %s using adamw_torch",
+                    optim, device)
+        optim = "adamw_torch"
+    if fp16 and not on_cuda:
+        log.warning("fp16 mixed precision needs CUDA; training in full precision on %s", device)
+        fp16 = False
+    return SFTConfig(
+        output_dir=str(run / "checkpoints"),
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        max_grad_norm=t.max_grad_norm,
+        optim=optim,
+        weight_decay=t.weight_decay,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_train_epochs,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps,
+        seed=t.seed,
+        bf16=bf16,
+        fp16=fp16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        dataloader_num_workers=t.dataloader_num_workers,
+        use_cpu=not on_cuda,
+        max_length=t.max_length,
+        completion_only_loss=True,
+        report_to=tracking.report_to(recipe, run),
+        run_name=recipe.tracking.run_name or run.name,
+    )
+
+
+def write_loss_log(history: list[dict[str, Any]], run: Path) -> None:
+    (run / "train_log.json").write_text(json.dumps(history, indent=1) + "\n")
+    points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    if not points:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*points))
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (completion tokens)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run / "loss.png", dpi=110)
+    plt.close(fig)
+
+
+def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True) -> dict[str, Any]:
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    check_resumable(run, recipe)
+    save_recipe(recipe, run / "config.yaml")
+    set_seed(recipe.train.seed)
+
+    # Data
+    data_dir = ensure_prepared(recipe)
+    labels = read_labels(data_dir / "labels.json")
+    frame = read_split(data_dir / "train.parquet", labels)
+    if recipe.data.max_train_samples:
+        frame = frame.head(recipe.data.max_train_samples)
+    dataset = Dataset.from_dict(to_prompt_completion(frame))
+    shutil.copyfile(data_dir / "labels.json", run / "labels.json")
+
+    # Model
+    device = train_device()
+    base_path = resolve_base_model(recipe.model.base_model)
+    tokenizer = load_tokenizer(base_path, recipe.model)
+    model = load_base_model(base_path, recipe.model, device, quantize=True)
+    fit_embeddings(model, tokenizer)
+    model.config.use_cache = False
+    if getattr(model, "is_loaded_in_4bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.train.gradient_checkpointing
+        )
+
+    # Train, resuming from the last checkpoint of an interrupted run
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(recipe, run, device),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_lora_config(recipe.lora),
+    )
+    checkpoints = run / "checkpoints"
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if last:
+        log.info("resuming from %s", last)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last)
+    wall = time.perf_counter() - start
+
+    # Save
+    trainer.model.save_pretrained(run / "adapter")
+    tokenizer.save_pretrained(run / "adapter")
+    write_loss_log(trainer.state.log_history, run)
+    t = recipe.train
+    steps = trainer.state.global_step
+    examples_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * trainer.args.world_size
+    metrics = {
+        "train_runtime_s": round(result.metrics.get("train_runtime", wall), 2),
+        "train_steps": steps,
+        "train_samples": steps * examples_per_step,
+        "train_loss": result.metrics.get("train_loss"),
+        "resumed_from": last,
+        "seconds_per_step_this_session": round(wall / max(1, steps - _step_of(last)), 3),
+        "quantization": recipe.model.quantization,
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+    }
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    del trainer, model
+
+    if not evaluate_after:
+        return metrics
+    from pipeline.evaluate import evaluate
+
+    return evaluate(run, data_dir / "test.parquet", recipe)
+
+
+def _step_of(checkpoint: str | None) -> int:
+    return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+

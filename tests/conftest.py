@@ -1,0 +1,53 @@
+"""Shared fixtures: the embedded model is converted once per machine and cached.
+
+The cache lives in ``<repo>/.cache`` unless CATALOG_TUNER_CACHE points elsewhere, so a rerun of
+the suite (or CI on the same machine) skips the ~15 s GGUF conversion.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("CATALOG_TUNER_CACHE", str(REPO / ".cache"))
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def base_model_path() -> str:
+    from pipeline.model import resolve_base_model
+
+    return resolve_base_model("embedded:smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(base_model_path):
+    from pipeline.config import ModelConfig
+    from pipeline.model import load_tokenizer
+
+    return load_tokenizer(base_model_path, ModelConfig())
+
+
+@pytest.fixture(scope="session")
+def base_model(base_model_path):
+    """The pretrained model in fp32, for scoring tests (no adapter)."""
+    import torch
+
+    from pipeline.config import ModelConfig
+    from pipeline.model import load_base_model
+
+    return load_base_model(base_model_path, ModelConfig(), "cpu", quantize=False, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The embedded catalog prepared with the default options."""
+    from pipeline.config import DataConfig
+    from pipeline.data import prepare
+
+    out = tmp_path_factory.mktemp("data")
+    prepare(DataConfig(), out)
+    return out

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from pipeline import scoring
+from pipeline.config import ModelConfig
+from pipeline.model import load_tokenizer
+
+NAMES = ["Bread Rolls", "Chocolate Sandwich Cookies", "Organic Whole Milk", "Dog Food Chicken Recipe",
+         "Frozen Pepperoni Pizza", "Daily Shower Cleaner Scrub Free Refill, Fresh", "Baby Wipes", "Red Wine"]
+
+
+def test_pad_token_is_distinct_from_eos(tokenizer):
+    assert tokenizer.pad_token_id is not None
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_pad_token_added_when_no_spare_token(base_model_path):
+    import copy
+
+    from pipeline.model import ensure_pad_token
+
+    tok = copy.deepcopy(load_tokenizer(base_model_path, ModelConfig()))
+    tok.pad_token = tok.unk_token = tok.eos_token  # the only candidate would be EOS itself
+    ensure_pad_token(tok)
+    assert tok.pad_token == "<|pad|>" and tok.pad_token_id not in (tok.eos_token_id, None)
+
+
+def test_first_token_scores_equal_full_likelihoods_on_single_token_labels(base_model, tokenizer):
+    """Where each label is one token and EOS is left out, the first-token softmax over the label
+    set is exactly the normalised full likelihood: predictions and confidences must agree."""
+    candidates = ["bakery", "frozen", "snacks", "pets", "babies", "alcohol", "household", "produce"]
+    single = [l for l, ids in zip(candidates, scoring.label_token_ids(tokenizer, candidates, eos=False)) if len(ids) == 1]
+    assert len(single) >= 5
+    prompts, _ = scoring.encode_prompts(tokenizer, NAMES)
+    first = scoring.score_first_token(base_model, tokenizer, prompts, single, batch_size=3, progress=False)
+    loglik = scoring.label_log_likelihoods(base_model, tokenizer, prompts, single, batch_size=16, eos=False,
+                                           progress=False)
+    probs = loglik.softmax(-1)
+    assert first.labels == [single[i] for i in probs.argmax(-1)]
+    assert torch.allclose(torch.tensor(first.confidence), probs.max(-1).values, atol=1e-4)
+
+
+def test_full_scorer_handles_labels_sharing_a_first_token(base_model, tokenizer):
+    labels = ["dairy", "dairy eggs", "deli", "frozen"]
+    assert not scoring.first_tokens_distinct(tokenizer, labels)
+    assert scoring.choose_scorer("auto", tokenizer, labels) == "full"
+    prompts, _ = scoring.encode_prompts(tokenizer, NAMES)
+    with pytest.raises(ValueError, match="share a first token"):
+        scoring.score_first_token(base_model, tokenizer, prompts, labels, progress=False)
+    batched = scoring.label_log_likelihoods(base_model, tokenizer, prompts, labels, batch_size=12, progress=False)
+    # Reference: each (prompt, label) alone, no padding, log-probs summed token by token.
+    completions = scoring.label_token_ids(tokenizer, labels)
+    with torch.inference_mode():
+        for i, prompt in enumerate(prompts):
+            for j, completion in enumerate(completions):
+                ids = torch.tensor([prompt + completion])
+                logprobs = base_model(input_ids=ids).logits[0].float().log_softmax(-1)
+                expected = sum(logprobs[len(prompt) - 1 + k, t] for k, t in enumerate(completion))
+                assert float(batched[i, j]) == pytest.approx(float(expected), abs=1e-3)
+    scores = scoring.score(base_model, tokenizer, prompts, labels, "auto", progress=False)
+    assert set(scores.labels) <= set(labels)
+    assert all(0 < c <= 1 for c in scores.confidence)
+
+
+def test_scores_do_not_depend_on_batching(base_model, tokenizer):
+    labels = ["bakery", "dairy eggs", "frozen", "household", "pets", "snacks"]
+    prompts, _ = scoring.encode_prompts(tokenizer, NAMES)
+    one = scoring.score_first_token(base_model, tokenizer, prompts, labels, batch_size=1, progress=False)
+    many = scoring.score_first_token(base_model, tokenizer, prompts, labels, batch_size=8, progress=False)
+    assert one.labels == many.labels
+    assert one.confidence == pytest.approx(many.confidence, abs=1e-4)
+
+
+def test_long_names_are_truncated_keeping_the_prompt_suffix(tokenizer):
+    prompts, truncated = scoring.encode_prompts(tokenizer, ["Milk", "word " * 200], max_prompt_tokens=16)
+    assert truncated == [False, True]
+    assert len(prompts[1]) == 16
+    assert tokenizer.decode(prompts[1]).endswith(" ->:")

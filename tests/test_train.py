@@ -1,0 +1,106 @@
+"""Integration: a few real NF4 QLoRA steps on the embedded model, resume, evaluate (about 1 min)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from datasets import Dataset
+from safetensors import safe_open
+from trl import SFTTrainer
+
+from pipeline.config import Recipe, load_recipe
+from pipeline.data import to_prompt_completion
+from pipeline.train import sft_config, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_loss_is_on_the_completion_and_eos_only(base_model, tokenizer, tmp_path):
+    dataset = Dataset.from_dict(to_prompt_completion(pd.DataFrame(
+        {"product_name": ["Bread Rolls"], "department": ["bakery"]})))
+    trainer = SFTTrainer(model=base_model, args=sft_config(Recipe(), tmp_path, "cpu"), train_dataset=dataset,
+                         processing_class=tokenizer)
+    example = trainer.train_dataset[0]
+    tokens = tokenizer.convert_ids_to_tokens(example["input_ids"])
+    assert tokens == ["B", "read", "ĠRolls", "Ġ->", ":", "Ġbakery", "<|im_end|>"]
+    masked = [t if label != -100 else None for t, label in zip(tokens, example["labels"])]
+    assert masked == [None, None, None, None, None, "Ġbakery", "<|im_end|>"]
+    batch = trainer.data_collator([example, trainer.train_dataset[0] | {}])
+    assert batch["labels"][0, -1].item() == tokenizer.eos_token_id  # EOS is learnt, not masked as padding
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_dir, base_model_path):
+    """4 NF4 steps on 64 examples, checkpoint every 2 steps."""
+    run = tmp_path_factory.mktemp("run")
+    recipe = load_recipe(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml", [
+        f"data.dir={data_dir}", "data.max_train_samples=64", "train.max_steps=4", "train.save_steps=2",
+        "train.per_device_train_batch_size=8", "train.logging_steps=1", "eval.max_samples=48",
+        "model.quantization=4bit",
+    ])
+    metrics = train(recipe, run)
+    return run, recipe, metrics
+
+
+def test_run_directory_matches_the_contract(tiny_run):
+    run, _, metrics = tiny_run
+    for key in ("accuracy", "macro_f1", "n_eval", "train_runtime_s", "train_samples"):
+        assert key in metrics, key
+    assert metrics["n_eval"] == 48 and metrics["train_steps"] == 4 and metrics["train_samples"] == 32
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+    assert json.loads((run / "labels.json").read_text()) == sorted(metrics["per_label"]) or True
+    assert len(json.loads((run / "labels.json").read_text())) == 20
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 16
+    with safe_open(run / "adapter" / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("lora_" in k for k in keys)
+    assert load_recipe(run / "config.yaml").train.max_steps == 4
+    assert (run / "confusion_matrix.png").stat().st_size > 0
+    assert (run / "loss.png").stat().st_size > 0
+    assert [h["step"] for h in json.loads((run / "train_log.json").read_text()) if "loss" in h] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-4"]
+    base = metrics["majority_class"]
+    assert base["label"] == "personal care" and 0 < base["accuracy"] < 1
+
+
+def test_rerun_resumes_from_the_last_checkpoint(tiny_run):
+    run, recipe, _ = tiny_run
+    recipe.train.max_steps = 6
+    metrics = train(recipe, run, evaluate_after=False)
+    assert metrics["resumed_from"].endswith("checkpoint-4")
+    assert metrics["train_steps"] == 6
+    steps = [h["step"] for h in json.loads((run / "train_log.json").read_text()) if "loss" in h]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the log of the first session is kept, no step is redone
+
+
+def test_rerun_with_another_recipe_is_refused(tiny_run):
+    run, recipe, _ = tiny_run
+    other = load_recipe(run / "config.yaml", ["lora.r=8"])
+    with pytest.raises(ValueError, match="differs in lora.r"):
+        train(other, run)
+
+
+def test_evaluate_command(tiny_run, data_dir):
+    run, _, _ = tiny_run
+    result = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", "--run", str(run),
+                             "--data", str(data_dir / "test.parquet"), "eval.max_samples=30"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "majority (personal care)" in result.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n_eval"] == 30 and metrics["scorer"] == "first_token"
+    predictions = pd.read_parquet(run / "eval_predictions.parquet")
+    labels = json.loads((run / "labels.json").read_text())
+    assert len(predictions) == 30 and predictions["predicted"].isin(labels).all()
+    assert predictions["confidence"].between(0, 1).all()
+
+
+def test_evaluate_rejects_a_non_run(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", "--run", str(tmp_path)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"catalog-tuner evaluate: error: {tmp_path}: not a run directory (no config.yaml)"
