@@ -35,24 +35,25 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from pipeline.evaluate import format_table
+    from pipeline.evaluate import format_per_label, format_table
     from pipeline.train import train
 
     recipe = load_recipe(args.config, args.overrides)
     metrics = train(recipe, args.output, evaluate_after=not args.no_eval)
     if "accuracy" in metrics:
-        print(format_table(metrics))
+        print(format_per_label(metrics), format_table(metrics), sep="\n\n")
     print(f"run directory: {args.output}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from pipeline.evaluate import evaluate, format_table
+    from pipeline.evaluate import evaluate, format_per_label, format_table
 
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run}: not a run directory (no config.yaml)")
     recipe = load_recipe(run / "config.yaml", args.overrides)
-    print(format_table(evaluate(run, args.data, recipe)))
+    metrics = evaluate(run, args.data, recipe)
+    print(format_per_label(metrics), format_table(metrics), sep="\n\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

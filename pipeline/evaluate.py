@@ -78,6 +78,16 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+def format_per_label(metrics: dict[str, Any]) -> str:
+    """Per-department precision / recall / F1, worst F1 first."""
+    rows = sorted(metrics["per_label"].items(), key=lambda item: item[1]["f1-score"])
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{'department'.ljust(width)}  precision  recall  f1      support"]
+    lines += [f"{label.ljust(width)}  {m['precision']:<9.3f}  {m['recall']:<6.3f}  {m['f1-score']:<6.3f}  "
+              f"{int(m['support'])}" for label, m in rows]
+    return "\n".join(lines)
+
+
 def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: Recipe | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Score a split with the run's adapter and merge the results into RUN_DIR/metrics.json."""

@@ -34,10 +34,10 @@ def test_loss_is_on_the_completion_and_eos_only(base_model, tokenizer, tmp_path)
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_dir, base_model_path):
-    """4 NF4 steps on 64 examples, checkpoint every 2 steps."""
+    """4 NF4 steps on a 200-example train set, checkpoint every 2 steps."""
     run = tmp_path_factory.mktemp("run")
     recipe = load_recipe(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml", [
-        f"data.dir={data_dir}", "data.max_train_samples=64", "train.max_steps=4", "train.save_steps=2",
+        f"data.dir={data_dir}", "data.max_train_samples=200", "train.max_steps=4", "train.save_steps=2",
         "train.per_device_train_batch_size=8", "train.logging_steps=1", "eval.max_samples=48",
         "model.quantization=4bit",
     ])
@@ -51,7 +51,6 @@ def test_run_directory_matches_the_contract(tiny_run):
         assert key in metrics, key
     assert metrics["n_eval"] == 48 and metrics["train_steps"] == 4 and metrics["train_samples"] == 32
     assert json.loads((run / "metrics.json").read_text()) == metrics
-    assert json.loads((run / "labels.json").read_text()) == sorted(metrics["per_label"]) or True
     assert len(json.loads((run / "labels.json").read_text())) == 20
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 16
@@ -90,7 +89,7 @@ def test_evaluate_command(tiny_run, data_dir):
                              "--data", str(data_dir / "test.parquet"), "eval.max_samples=30"],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "majority (personal care)" in result.stdout
+    assert "majority (personal care)" in result.stdout and "precision" in result.stdout
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_eval"] == 30 and metrics["scorer"] == "first_token"
     predictions = pd.read_parquet(run / "eval_predictions.parquet")
