@@ -1,4 +1,4 @@
-"""``catalog-tuner <command>``: prepare, train, evaluate.
+"""``catalog-tuner <command>``: prepare, train, evaluate, label.
 
 Exit code 0 on success; on a user error (bad config, bad data, missing run) a one-line reason
 on stderr and exit code 2.
@@ -14,9 +14,10 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, DataConfig, load_recipe
 from pipeline.data import DataError
+from pipeline.label import LabelError
 from pipeline.model import ModelError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, DataError, LabelError, ModelError, FileNotFoundError, ValueError)
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -56,6 +57,22 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(format_per_label(metrics), format_table(metrics), sep="\n\n")
 
 
+def _label(args: argparse.Namespace) -> int:
+    from pipeline.label import label_catalogs, summarize
+
+    outcomes = label_catalogs(args.adapter, args.catalog, args.output, shard=args.shard, in_place=args.in_place,
+                              only_missing=args.only_missing, fail_fast=args.fail_fast,
+                              text_column=args.text_column, id_column=args.id_column,
+                              rows_per_batch=args.rows_per_batch, batch_size=args.batch_size)
+    print(summarize(outcomes))
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        print(f"catalog-tuner label: error: {len(failed)} file(s) failed, first: {failed[0].unit.source}: "
+              f"{failed[0].message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="catalog-tuner", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -84,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="labelled Parquet split (default: the recipe's DATA_DIR/test.parquet)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. eval.max_samples=1000")
     p.set_defaults(func=_evaluate)
+
+    p = commands.add_parser("label", help="label Parquet catalogs with a run's adapter (streaming, resumable)")
+    p.add_argument("--adapter", required=True, help="RUN_DIR, or SWEEP_DIR/promoted")
+    p.add_argument("--catalog", required=True, nargs="+", help="Parquet files, folders or globs")
+    p.add_argument("--output", required=True, help="OUT_DIR for labeled files and the manifest")
+    p.add_argument("--shard", help="I/N: this task's share (default: from SLURM_ARRAY_TASK_ID/COUNT, else 0/1)")
+    p.add_argument("--in-place", action="store_true", help="write predictions back into the catalog files")
+    p.add_argument("--only-missing", action="store_true",
+                   help="label only rows with no department or labeled by another adapter")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first file that fails")
+    p.add_argument("--text-column", default="product_name")
+    p.add_argument("--id-column", default="product_id", help="checked by --in-place; duplicates are counted")
+    p.add_argument("--batch-size", type=int, default=64, help="products per forward pass")
+    p.add_argument("--rows-per-batch", type=int, default=4096, help="rows read, labeled and written at a time")
+    p.set_defaults(func=_label)
     return parser
 
 
@@ -92,13 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        code = args.func(args)
     except USER_ERRORS as exc:
         if args.verbose:
             raise
         print(f"catalog-tuner {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -51,3 +51,17 @@ def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data")
     prepare(DataConfig(), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def adapter_run(tmp_path_factory, data_dir, base_model_path) -> Path:
+    """A real (barely trained) adapter: 3 NF4 steps, no evaluation. Tests must not change it."""
+    from pipeline.config import load_recipe
+    from pipeline.train import train
+
+    run = tmp_path_factory.mktemp("adapter_run") / "tiny"
+    recipe = load_recipe(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml", [
+        f"data.dir={data_dir}", "data.max_train_samples=48", "train.max_steps=3", "train.save_steps=100",
+        "train.per_device_train_batch_size=8"])
+    train(recipe, run, evaluate_after=False)
+    return run

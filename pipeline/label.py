@@ -1,0 +1,418 @@
+"""Streaming bulk labeler: Parquet catalogs in, the same rows plus predictions out.
+
+Safety rules, in the order a nightly job needs them:
+
+- an input file is never modified, except by the ``--in-place`` commit (write beside it, check
+  row count and id column, atomic rename; the original is kept as a backup until then);
+- an output appears only when complete (temporary name in the same folder, fsync, rename);
+- every finished input gets a manifest entry (``OUT/_manifest/<name>.json``: rows, checksums,
+  adapter; with ``--in-place`` OUT holds only the manifest), so a rerun after a crash or ``kill -9`` skips finished work and redoes the rest;
+- one bad file fails alone, with its name and reason; the others are still labeled.
+
+Work is split into units of consecutive row groups. ``--shard I/N`` takes the I-th of N
+contiguous, row-balanced slices of all units in path order: N array tasks cover the catalog
+exactly once. A file that a shard covers whole keeps its name; a piece of a split file is
+written as ``<stem>.part-<first row group>.parquet`` beside where the whole would be.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from pipeline import scoring
+from pipeline.config import load_recipe
+from pipeline.data import read_labels
+from pipeline.model import load_for_inference, resolve_dtype, train_device
+
+log = logging.getLogger(__name__)
+
+OUTPUT_COLUMNS = ["department", "department_confidence", "label_status", "labeled_by", "labeled_at"]
+MANIFEST_DIR = "_manifest"
+
+
+class LabelError(ValueError):
+    """A whole labeling job cannot start (bad adapter, bad arguments)."""
+
+
+class InputError(ValueError):
+    """One input file cannot be labeled; the message names it and the reason."""
+
+
+# --- planning --------------------------------------------------------------------------------
+
+
+@dataclass
+class Unit:
+    """Consecutive row groups of one input file that one shard labels into one output."""
+
+    source: Path
+    relative: Path
+    row_groups: list[int]
+    rows: int
+    whole_file: bool = True
+
+    @property
+    def output_name(self) -> Path:
+        if self.whole_file:
+            return self.relative
+        return self.relative.with_name(f"{self.relative.stem}.part-{self.row_groups[0]:05d}{self.relative.suffix}")
+
+
+def find_inputs(paths: list[str]) -> list[tuple[Path, Path]]:
+    """(file, name relative to its root) for every Parquet file under the given paths or globs."""
+    found: dict[Path, Path] = {}
+    for raw in paths:
+        matches = [Path(m) for m in sorted(glob.glob(raw, recursive=True))] if glob.has_magic(raw) else [Path(raw)]
+        if not matches:
+            raise LabelError(f"{raw}: no file matches")
+        for path in matches:
+            if path.is_dir():
+                for file in sorted(path.rglob("*.parquet")):
+                    if MANIFEST_DIR not in file.relative_to(path).parts:
+                        found.setdefault(file.resolve(), file.relative_to(path))
+            elif path.exists():
+                found.setdefault(path.resolve(), Path(path.name))
+            else:
+                raise LabelError(f"{path}: not found")
+    return list(found.items())
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """``"I/N"``, else the Slurm array position, else ``0/1``."""
+    if shard is None:
+        if "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
+            index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+            return index, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+        return 0, 1
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise LabelError(f"--shard {shard!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise LabelError(f"--shard {shard!r}: need 0 <= I < N")
+    return index, count
+
+
+def plan(inputs: list[tuple[Path, Path]], shard: tuple[int, int]) -> tuple[list[Unit], list[tuple[Path, str]]]:
+    """This shard's units, plus the files that could not even be opened as Parquet."""
+    groups: list[tuple[Path, Path, int, int]] = []  # (file, relative, row group, rows)
+    unreadable: list[tuple[Path, str]] = []
+    for path, relative in inputs:
+        try:
+            metadata = pq.ParquetFile(path).metadata
+        except Exception as exc:  # pyarrow raises several types for a non-Parquet file
+            unreadable.append((path, f"cannot be read as Parquet: {exc}"))
+            continue
+        if metadata.num_row_groups == 0:
+            groups.append((path, relative, -1, 0))
+        groups += [(path, relative, g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)]
+    index, count = shard
+    total = sum(g[3] for g in groups)
+    # Contiguous row-balanced slices: a row group belongs to the shard its middle row falls in,
+    # so each shard is within one row group of total/count rows.
+    mine, seen = [], 0
+    for group in groups:
+        middle = seen + group[3] / 2
+        if min(count - 1, int(middle * count // max(total, 1))) == index:
+            mine.append(group)
+        seen += group[3]
+    if unreadable and index != 0:
+        unreadable = []  # report each broken file once, from shard 0
+    units: list[Unit] = []
+    for path, relative, group, rows in mine:
+        if units and units[-1].source == path:
+            units[-1].row_groups.append(group)
+            units[-1].rows += rows
+        else:
+            units.append(Unit(path, relative, [group] if group >= 0 else [], rows))
+    file_groups: dict[Path, int] = {}
+    for path, _, group, _ in groups:
+        file_groups[path] = file_groups.get(path, 0) + (group >= 0)
+    for unit in units:
+        unit.whole_file = len(unit.row_groups) == file_groups[unit.source]
+    return units, unreadable
+
+
+# --- provenance and atomic files ------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def adapter_identity(run_dir: Path) -> tuple[str, str]:
+    """(``labeled_by`` value, full hash): the run's name and a hash of its adapter weights."""
+    weights = run_dir / "adapter" / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise LabelError(f"{run_dir}: no adapter/adapter_model.safetensors (not a finished run directory)")
+    digest = sha256_file(weights)
+    return f"{run_dir.resolve().name}@{digest[:12]}", digest
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """fsync a finished temporary file and rename it into place (atomic on one filesystem)."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    publish(tmp, path)
+
+
+def remove_stale_temporaries(final: Path) -> None:
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+# --- labeling --------------------------------------------------------------------------------
+
+
+@dataclass
+class Labeler:
+    """A loaded adapter ready to label record batches."""
+
+    run_dir: Path
+    batch_size: int = 64
+    progress: bool = True
+    labeled_by: str = field(init=False)
+    adapter_sha256: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.labeled_by, self.adapter_sha256 = adapter_identity(self.run_dir)
+        self.recipe = load_recipe(self.run_dir / "config.yaml")
+        self.labels = read_labels(self.run_dir / "labels.json")
+        device = train_device()
+        self.model, self.tokenizer = load_for_inference(
+            self.run_dir, self.recipe.model, device, resolve_dtype(self.recipe.eval.dtype, device))
+        self.scorer = scoring.choose_scorer(self.recipe.eval.scorer, self.tokenizer, self.labels)
+        self.max_prompt_tokens = self.recipe.train.max_length
+
+    def provenance(self) -> dict[str, Any]:
+        from importlib.metadata import version
+
+        return {"labeled_by": self.labeled_by, "adapter_sha256": self.adapter_sha256,
+                "adapter": str(self.run_dir.resolve()), "base_model": self.recipe.model.base_model,
+                "labels": self.labels, "scorer": self.scorer, "code_version": version("catalog-tuner")}
+
+    def predict(self, names: list[str | None]) -> tuple[list[str | None], list[float | None], list[str]]:
+        """Labels, confidences and statuses for raw names; empty names get no label."""
+        usable = [i for i, n in enumerate(names) if n is not None and n.strip()]
+        departments: list[str | None] = [None] * len(names)
+        confidence: list[float | None] = [None] * len(names)
+        status = ["empty_name"] * len(names)
+        if usable:
+            prompts, truncated = scoring.encode_prompts(self.tokenizer, [names[i] for i in usable],
+                                                        self.max_prompt_tokens)
+            scores = scoring.score(self.model, self.tokenizer, prompts, self.labels, self.scorer,
+                                   self.batch_size, progress=False)
+            for k, i in enumerate(usable):
+                departments[i], confidence[i] = scores.labels[k], scores.confidence[k]
+                status[i] = "truncated" if truncated[k] else "ok"
+        return departments, confidence, status
+
+
+def _check_text_column(schema: pa.Schema, column: str) -> None:
+    if column not in schema.names:
+        raise InputError(f"no column {column!r} (has: {', '.join(schema.names)})")
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise InputError(f"column {column!r} is {kind}, not a string column")
+
+
+def _needs_label(batch: pa.RecordBatch, labeled_by: str) -> list[bool]:
+    """--only-missing: rows with no department, or labeled by another adapter."""
+    if "department" not in batch.schema.names:
+        return [True] * batch.num_rows
+    missing = pc.is_null(batch.column("department"))
+    if "labeled_by" in batch.schema.names:
+        other = pc.fill_null(pc.not_equal(batch.column("labeled_by"), labeled_by), True)
+        missing = pc.or_(missing, other)
+    return missing.to_pylist()
+
+
+def label_batch(labeler: Labeler, batch: pa.RecordBatch, text_column: str, only_missing: bool,
+                labeled_at: datetime) -> pa.RecordBatch:
+    """Input columns in order (old prediction columns replaced), plus the contract's columns."""
+    names = batch.column(text_column).to_pylist()
+    todo = _needs_label(batch, labeler.labeled_by) if only_missing else [True] * batch.num_rows
+    rows = [i for i, t in enumerate(todo) if t]
+    departments, confidence, status = labeler.predict([names[i] for i in rows])
+
+    def previous(column: str) -> list[Any]:
+        return batch.column(column).to_pylist() if column in batch.schema.names else [None] * batch.num_rows
+
+    new = {c: previous(c) for c in OUTPUT_COLUMNS}
+    for k, i in enumerate(rows):
+        new["department"][i], new["department_confidence"][i] = departments[k], confidence[k]
+        new["label_status"][i], new["labeled_by"][i], new["labeled_at"][i] = status[k], labeler.labeled_by, labeled_at
+    keep = [c for c in batch.schema.names if c not in OUTPUT_COLUMNS]
+    arrays = [batch.column(c) for c in keep] + [
+        pa.array(new["department"], pa.string()),
+        pa.array(new["department_confidence"], pa.float32()),
+        pa.array(new["label_status"], pa.string()),
+        pa.array(new["labeled_by"], pa.string()),
+        pa.array(new["labeled_at"], pa.timestamp("us", tz="UTC")),
+    ]
+    return pa.RecordBatch.from_arrays(arrays, names=keep + OUTPUT_COLUMNS)
+
+
+def iter_batches(unit: Unit, rows_per_batch: int) -> Iterator[pa.RecordBatch]:
+    if not unit.row_groups:
+        return
+    yield from pq.ParquetFile(unit.source).iter_batches(batch_size=rows_per_batch, row_groups=unit.row_groups)
+
+
+@dataclass
+class Outcome:
+    unit: Unit
+    status: str  # labeled | skipped | failed
+    rows: int = 0
+    duplicate_ids: int = 0
+    message: str = ""
+
+
+def label_unit(labeler: Labeler, unit: Unit, out_dir: Path, *, text_column: str, id_column: str,
+               only_missing: bool, in_place: bool, rows_per_batch: int, bar: tqdm) -> Outcome:
+    """Label one unit into its output (or into the input itself with ``in_place``)."""
+    final = unit.source if in_place else out_dir / unit.output_name
+    manifest = out_dir / MANIFEST_DIR / f"{unit.output_name}.json"
+    source_sha = sha256_file(unit.source)
+    if manifest.is_file():
+        entry = json.loads(manifest.read_text())
+        done_sha = entry["output_sha256"] if in_place else entry["input_sha256"]
+        # A rewritten (in-place) file has new row groups: only a part must match its groups.
+        same_part = unit.whole_file or entry.get("row_groups") == unit.row_groups
+        if entry.get("labeled_by") == labeler.labeled_by and done_sha == source_sha and same_part and final.is_file():
+            bar.update(unit.rows)
+            return Outcome(unit, "skipped", entry["rows"])
+
+    parquet = pq.ParquetFile(unit.source)
+    _check_text_column(parquet.schema_arrow, text_column)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    labeled_at = datetime.now(timezone.utc)
+    rows, ids, duplicates = 0, set(), 0
+    writer = None
+    try:
+        for batch in iter_batches(unit, rows_per_batch):
+            out = label_batch(labeler, batch, text_column, only_missing, labeled_at)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, out.schema)
+            writer.write_batch(out)
+            if id_column in batch.schema.names:
+                for value in batch.column(id_column).to_pylist():
+                    duplicates += value in ids
+                    ids.add(value)
+            rows += batch.num_rows
+            bar.update(batch.num_rows)
+        if writer is None:  # no rows: still write a valid file with the output schema
+            empty = parquet.schema_arrow.empty_table().to_batches() or [pa.RecordBatch.from_pylist([], parquet.schema_arrow)]
+            out = label_batch(labeler, empty[0], text_column, only_missing, labeled_at)
+            writer = pq.ParquetWriter(tmp, out.schema)
+            writer.write_batch(out)
+        writer.close()
+        writer = None
+        check = pq.ParquetFile(tmp).metadata
+        if check.num_rows != unit.rows:
+            raise InputError(f"wrote {check.num_rows} rows, expected {unit.rows}")
+        if in_place:
+            _verify_ids(unit.source, tmp, id_column)
+            backup = unit.source.with_name(f".{unit.source.name}.orig")
+            shutil.copy2(unit.source, backup)  # kept until the commit below succeeds
+            publish(tmp, final)
+            backup.unlink()
+        else:
+            publish(tmp, final)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    write_json_atomic(manifest, {
+        "input": str(unit.source), "output": str(final), "row_groups": unit.row_groups, "rows": rows,
+        "input_sha256": source_sha, "output_sha256": sha256_file(final), "duplicate_ids": duplicates,
+        "finished_at": datetime.now(timezone.utc).isoformat(), **labeler.provenance(),
+    })
+    return Outcome(unit, "labeled", rows, duplicates)
+
+
+def _verify_ids(original: Path, rewritten: Path, id_column: str) -> None:
+    before = pq.read_table(original, columns=[id_column]) if id_column in pq.ParquetFile(original).schema_arrow.names else None
+    if before is not None and not before.column(0).equals(pq.read_table(rewritten, columns=[id_column]).column(0)):
+        raise InputError(f"the rewritten file's {id_column} column differs from the original's")
+
+
+def label_catalogs(adapter: str | Path, catalogs: list[str], out_dir: str | Path, *, shard: str | None = None,
+                   in_place: bool = False, only_missing: bool = False, fail_fast: bool = False,
+                   text_column: str = "product_name", id_column: str = "product_id", rows_per_batch: int = 4096,
+                   batch_size: int = 64, progress: bool = True) -> list[Outcome]:
+    inputs = find_inputs(catalogs)
+    units, unreadable = plan(inputs, parse_shard(shard))
+    outcomes = [Outcome(Unit(p, Path(p.name), [], 0), "failed", message=m) for p, m in unreadable]
+    if fail_fast and outcomes:
+        return outcomes
+    if in_place and any(not u.whole_file for u in units):
+        raise LabelError("--in-place cannot split a file between shards; use as many shards as files or fewer")
+    labeler = Labeler(Path(adapter), batch_size=batch_size, progress=progress)
+    out = Path(out_dir)
+    start = time.perf_counter()
+    with tqdm(total=sum(u.rows for u in units), unit="row", desc="labeling", disable=not progress) as bar:
+        for unit in units:
+            try:
+                outcomes.append(label_unit(labeler, unit, out, text_column=text_column, id_column=id_column,
+                                           only_missing=only_missing, in_place=in_place,
+                                           rows_per_batch=rows_per_batch, bar=bar))
+            except (InputError, pa.ArrowException, OSError) as exc:
+                outcomes.append(Outcome(unit, "failed", message=str(exc)))
+                if fail_fast:
+                    break
+    log.info("labeled %d rows in %.1f s", sum(o.rows for o in outcomes if o.status == "labeled"),
+             time.perf_counter() - start)
+    return outcomes
+
+
+def summarize(outcomes: list[Outcome]) -> str:
+    lines = []
+    for o in outcomes:
+        name = o.unit.source
+        if o.status == "failed":
+            lines.append(f"FAILED {name}: {o.message}")
+        else:
+            extra = f", {o.duplicate_ids} duplicate ids" if o.duplicate_ids else ""
+            lines.append(f"{o.status} {name}: {o.rows} rows{extra}")
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("labeled", "skipped", "failed")}
+    lines.append(f"{counts['labeled']} labeled, {counts['skipped']} skipped (already done), {counts['failed']} failed; "
+                 f"{sum(o.rows for o in outcomes)} rows, {sum(o.duplicate_ids for o in outcomes)} duplicate ids")
+    return "\n".join(lines)
