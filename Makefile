@@ -20,6 +20,7 @@ demo: install
 	$(BIN)/catalog-tuner train --config jobs/recipes/instacart-smollm2.yaml --output runs/demo
 
 test: install
+	$(BIN)/ruff check pipeline tests
 	$(BIN)/python -m pytest -q
 
 clean:

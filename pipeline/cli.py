@@ -1,4 +1,4 @@
-"""``catalog-tuner <command>``: prepare, train, evaluate, label.
+"""``catalog-tuner <command>``: prepare, train, evaluate, sweep, label.
 
 Exit code 0 on success; on a user error (bad config, bad data, missing run) a one-line reason
 on stderr and exit code 2.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, DataConfig, load_recipe
 from pipeline.data import DataError
+from pipeline.errors import TrainingInterrupted
 from pipeline.label import LabelError
 from pipeline.model import ModelError
 
@@ -55,6 +56,21 @@ def _evaluate(args: argparse.Namespace) -> None:
     recipe = load_recipe(run / "config.yaml", args.overrides)
     metrics = evaluate(run, args.data, recipe)
     print(format_per_label(metrics), format_table(metrics), sep="\n\n")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from pipeline.sweep import run_sweep
+
+    result = run_sweep(args.sweep, args.recipe, args.output or f"runs/sweeps/{Path(args.sweep).stem}",
+                       args.executor, args.profile, args.profile_overrides, args.label_catalog, args.label_output)
+    print((Path(result["sweep_dir"]) / "leaderboard.md").read_text())
+    promoted = result["promoted"]
+    print(f"promoted: {promoted['run']} ({promoted['metric']}={promoted['value']:.4f})" if promoted
+          else "promoted: none (no run finished)")
+    failed = [r["run"] for r in result["ranked"] if r["status"] != "ok"]
+    if failed:
+        print(f"catalog-tuner sweep: error: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if not promoted else 0
 
 
 def _label(args: argparse.Namespace) -> int:
@@ -102,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. eval.max_samples=1000")
     p.set_defaults(func=_evaluate)
 
+    p = commands.add_parser("sweep", help="run a W&B-format sweep as one job array, rank it, promote the best")
+    p.add_argument("--sweep", required=True, help="sweep YAML (jobs/sweeps/...)")
+    p.add_argument("--recipe", default="jobs/recipes/instacart-smollm2.yaml")
+    p.add_argument("--executor", choices=["slurm", "local", "debug"], default="slurm")
+    p.add_argument("--profile", help="cluster profile YAML (default: jobs/clusters/dev.yaml)")
+    p.add_argument("--profile-set", dest="profile_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a profile field, e.g. --profile-set time_min=30")
+    p.add_argument("--output", help="SWEEP_DIR (default: runs/sweeps/<sweep file name>)")
+    p.add_argument("--label-catalog", help="after promotion, queue slurm/label_catalog.sh on this catalog")
+    p.add_argument("--label-output", help="OUT_DIR of that labeling (default: SWEEP_DIR/labeled)")
+    p.set_defaults(func=_sweep)
+
     p = commands.add_parser("label", help="label Parquet catalogs with a run's adapter (streaming, resumable)")
     p.add_argument("--adapter", required=True, help="RUN_DIR, or SWEEP_DIR/promoted")
     p.add_argument("--catalog", required=True, nargs="+", help="Parquet files, folders or globs")
@@ -125,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code = args.func(args)
+    except TrainingInterrupted as exc:
+        print(f"catalog-tuner {args.command}: interrupted: {exc}", file=sys.stderr)
+        return TrainingInterrupted.exit_code
     except USER_ERRORS as exc:
         if args.verbose:
             raise

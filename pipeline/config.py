@@ -113,6 +113,13 @@ class TrackingConfig:
 
 
 @dataclass
+class LaunchConfig:
+    accelerate_config: str = "cpu"
+    """A name in jobs/accelerate/ (cpu, single_gpu, multi_gpu, deepspeed_zero2, deepspeed_zero3)
+    or a path to an accelerate config file."""
+
+
+@dataclass
 class Recipe:
     name: str = "instacart-smollm2"
     data: DataConfig = field(default_factory=DataConfig)
@@ -121,9 +128,36 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class ClusterProfile:
+    """Everything cluster-specific (jobs/clusters/*.yaml); scripts hard-code none of it."""
+
+    name: str = "local"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gres: str | None = None
+    """e.g. ``gpu:a100:1``; also sets the GPUs per node that accelerate launches on."""
+    gpus_per_node: int = 0
+    nodes: int = 1
+    cpus_per_task: int = 1
+    mem_gb: int = 8
+    time_min: int = 60
+    signal_delay_s: int = 120
+    """Seconds before the time limit at which Slurm signals the task to checkpoint."""
+    array_parallelism: int = 16
+    container_image: str | None = None
+    """An Apptainer .sif; each task runs inside it with ``apptainer exec --nv``."""
+    container_binds: list[str] = field(default_factory=list)
+    apptainer: str = "apptainer"
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before each task (module loads, environment)."""
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -245,6 +279,24 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str,
         return _build(Recipe, values, "")
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_profile(path: str | Path, overrides: list[str] | None = None) -> ClusterProfile:
+    """Load a cluster profile YAML; overrides are ``key=value`` without a section."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: cluster profile not found") from None
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"profile override {item!r}: expected key=value")
+        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return _build(ClusterProfile, values, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

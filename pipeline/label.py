@@ -6,7 +6,8 @@ Safety rules, in the order a nightly job needs them:
   row count and id column, atomic rename; the original is kept as a backup until then);
 - an output appears only when complete (temporary name in the same folder, fsync, rename);
 - every finished input gets a manifest entry (``OUT/_manifest/<name>.json``: rows, checksums,
-  adapter; with ``--in-place`` OUT holds only the manifest), so a rerun after a crash or ``kill -9`` skips finished work and redoes the rest;
+  adapter; with ``--in-place`` OUT holds only the manifest), so a rerun after a crash or
+  ``kill -9`` skips finished work and redoes the rest;
 - one bad file fails alone, with its name and reason; the others are still labeled.
 
 Work is split into units of consecutive row groups. ``--shard I/N`` takes the I-th of N
@@ -23,11 +24,13 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -168,6 +171,19 @@ def adapter_identity(run_dir: Path) -> tuple[str, str]:
     return f"{run_dir.resolve().name}@{digest[:12]}", digest
 
 
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    from importlib.metadata import version
+
+    described = version("catalog-tuner")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return described
+    return f"{described}+g{commit.stdout.strip()}" if commit.returncode == 0 else described
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -192,7 +208,9 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 
 def remove_stale_temporaries(final: Path) -> None:
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+    """Leftovers of a killed run: partial outputs, and an --in-place backup whose commit either
+    never happened or already did (the file in place is valid in both cases)."""
+    for stale in [*final.parent.glob(f".{final.name}.tmp-*"), final.with_name(f".{final.name}.orig")]:
         stale.unlink(missing_ok=True)
 
 
@@ -220,11 +238,9 @@ class Labeler:
         self.max_prompt_tokens = self.recipe.train.max_length
 
     def provenance(self) -> dict[str, Any]:
-        from importlib.metadata import version
-
         return {"labeled_by": self.labeled_by, "adapter_sha256": self.adapter_sha256,
                 "adapter": str(self.run_dir.resolve()), "base_model": self.recipe.model.base_model,
-                "labels": self.labels, "scorer": self.scorer, "code_version": version("catalog-tuner")}
+                "labels": self.labels, "scorer": self.scorer, "code_version": code_version()}
 
     def predict(self, names: list[str | None]) -> tuple[list[str | None], list[float | None], list[str]]:
         """Labels, confidences and statuses for raw names; empty names get no label."""
@@ -314,7 +330,8 @@ def label_unit(labeler: Labeler, unit: Unit, out_dir: Path, *, text_column: str,
         done_sha = entry["output_sha256"] if in_place else entry["input_sha256"]
         # A rewritten (in-place) file has new row groups: only a part must match its groups.
         same_part = unit.whole_file or entry.get("row_groups") == unit.row_groups
-        if entry.get("labeled_by") == labeler.labeled_by and done_sha == source_sha and same_part and final.is_file():
+        finished = entry.get("labeled_by") == labeler.labeled_by and done_sha == source_sha
+        if finished and same_part and final.is_file():
             bar.update(unit.rows)
             return Outcome(unit, "skipped", entry["rows"])
 
@@ -323,24 +340,19 @@ def label_unit(labeler: Labeler, unit: Unit, out_dir: Path, *, text_column: str,
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    labeled_at = datetime.now(timezone.utc)
-    rows, ids, duplicates = 0, set(), 0
-    writer = None
+    labeled_at = datetime.now(UTC)
+    rows, writer = 0, None
     try:
         for batch in iter_batches(unit, rows_per_batch):
             out = label_batch(labeler, batch, text_column, only_missing, labeled_at)
             if writer is None:
                 writer = pq.ParquetWriter(tmp, out.schema)
             writer.write_batch(out)
-            if id_column in batch.schema.names:
-                for value in batch.column(id_column).to_pylist():
-                    duplicates += value in ids
-                    ids.add(value)
             rows += batch.num_rows
             bar.update(batch.num_rows)
         if writer is None:  # no rows: still write a valid file with the output schema
-            empty = parquet.schema_arrow.empty_table().to_batches() or [pa.RecordBatch.from_pylist([], parquet.schema_arrow)]
-            out = label_batch(labeler, empty[0], text_column, only_missing, labeled_at)
+            empty = pa.RecordBatch.from_pylist([], schema=parquet.schema_arrow)
+            out = label_batch(labeler, empty, text_column, only_missing, labeled_at)
             writer = pq.ParquetWriter(tmp, out.schema)
             writer.write_batch(out)
         writer.close()
@@ -360,17 +372,28 @@ def label_unit(labeler: Labeler, unit: Unit, out_dir: Path, *, text_column: str,
         if writer is not None:
             writer.close()
         tmp.unlink(missing_ok=True)
+    duplicates = count_duplicate_ids(parquet, unit.row_groups, id_column)
     write_json_atomic(manifest, {
         "input": str(unit.source), "output": str(final), "row_groups": unit.row_groups, "rows": rows,
         "input_sha256": source_sha, "output_sha256": sha256_file(final), "duplicate_ids": duplicates,
-        "finished_at": datetime.now(timezone.utc).isoformat(), **labeler.provenance(),
+        "finished_at": datetime.now(UTC).isoformat(), **labeler.provenance(),
     })
     return Outcome(unit, "labeled", rows, duplicates)
 
 
+def count_duplicate_ids(parquet: pq.ParquetFile, row_groups: list[int], id_column: str) -> int:
+    """Rows whose id repeats an earlier one; reads the id column alone (8 bytes a row)."""
+    if id_column not in parquet.schema_arrow.names or not row_groups:
+        return 0
+    ids = parquet.read_row_groups(row_groups, columns=[id_column]).column(0)
+    return len(ids) - pc.count_distinct(ids, mode="all").as_py()
+
+
 def _verify_ids(original: Path, rewritten: Path, id_column: str) -> None:
-    before = pq.read_table(original, columns=[id_column]) if id_column in pq.ParquetFile(original).schema_arrow.names else None
-    if before is not None and not before.column(0).equals(pq.read_table(rewritten, columns=[id_column]).column(0)):
+    if id_column not in pq.ParquetFile(original).schema_arrow.names:
+        return
+    before = pq.read_table(original, columns=[id_column]).column(0)
+    if not before.equals(pq.read_table(rewritten, columns=[id_column]).column(0)):
         raise InputError(f"the rewritten file's {id_column} column differs from the original's")
 
 

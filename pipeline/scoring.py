@@ -14,8 +14,8 @@ Both batch prompts sorted by token length (little padding) under ``torch.inferen
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm

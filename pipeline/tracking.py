@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import Recipe
 
@@ -30,3 +32,19 @@ def report_to(recipe: Recipe, run_dir: Path) -> list[str]:
         os.environ.setdefault("WANDB_RUN_GROUP", recipe.tracking.group)
     os.environ.setdefault("WANDB_JOB_TYPE", "train")
     return ["wandb"]
+
+
+def log_final_metrics(metrics: dict[str, Any], recipe: Recipe) -> None:
+    """Add the resolved recipe and the evaluation's figures to the W&B run, then close it.
+
+    The Trainer logs training only; the sweep dashboard ranks on held-out accuracy.
+    """
+    if "wandb" not in sys.modules:
+        return
+    import wandb
+
+    if wandb.run is None:
+        return
+    wandb.run.config.update({"recipe": recipe.to_dict()}, allow_val_change=True)
+    wandb.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
+    wandb.finish()

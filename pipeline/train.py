@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,22 @@ from typing import Any
 import torch
 import yaml
 from datasets import Dataset
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from pipeline import tracking
-from pipeline.config import Recipe, load_recipe, save_recipe
+from pipeline.config import Recipe, save_recipe
 from pipeline.data import DataError, prepare, read_labels, read_split, to_prompt_completion
-from pipeline.model import fit_embeddings, load_base_model, load_tokenizer, peft_lora_config, resolve_base_model, train_device
+from pipeline.errors import TrainingInterrupted
+from pipeline.model import (
+    fit_embeddings,
+    load_base_model,
+    load_tokenizer,
+    peft_lora_config,
+    resolve_base_model,
+    train_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +43,36 @@ TRAINING_SECTIONS = ("data", "model", "lora", "train")
 # ...except these keys, which a resumed run may change (train longer, save more often, move data).
 RESUME_SAFE_KEYS = {"data.dir", "train.max_steps", "train.num_train_epochs", "train.save_steps",
                     "train.save_total_limit", "train.logging_steps", "train.dataloader_num_workers"}
+
+
+STOP_FILE = "STOP"
+"""Created in RUN_DIR by a job launcher to ask a running training to checkpoint and exit."""
+
+
+class CheckpointAndStop(TrainerCallback):
+    """Save a checkpoint and stop at the next step end when asked, so a requeued job resumes
+    where this one stopped instead of at the last periodic checkpoint.
+
+    Asked by SIGTERM or SIGUSR1 (Slurm's requeue, preemption or ``--signal``), or by the file
+    RUN_DIR/STOP, which reaches the process through accelerate or a container on any node.
+    """
+
+    def __init__(self, stop_file: Path) -> None:
+        self.stop_file = stop_file
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested or self.stop_file.exists():
+            self.requested = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
 
 
 def ensure_prepared(recipe: Recipe) -> Path:
@@ -160,12 +199,15 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True) -> d
         )
 
     # Train, resuming from the last checkpoint of an interrupted run
+    (run / STOP_FILE).unlink(missing_ok=True)
+    stopper = CheckpointAndStop(run / STOP_FILE)
     trainer = SFTTrainer(
         model=model,
         args=sft_config(recipe, run, device),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_lora_config(recipe.lora),
+        callbacks=[stopper],
     )
     checkpoints = run / "checkpoints"
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
@@ -174,6 +216,10 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True) -> d
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)
     wall = time.perf_counter() - start
+    if stopper.requested and trainer.state.global_step < trainer.state.max_steps:
+        (run / STOP_FILE).unlink(missing_ok=True)
+        raise TrainingInterrupted(f"stopped at step {trainer.state.global_step} of {trainer.state.max_steps} "
+                                  f"after a checkpoint; rerun to resume")
 
     # Save
     trainer.model.save_pretrained(run / "adapter")
@@ -196,11 +242,12 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True) -> d
     (run / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     del trainer, model
 
-    if not evaluate_after:
-        return metrics
-    from pipeline.evaluate import evaluate
+    if evaluate_after:
+        from pipeline.evaluate import evaluate
 
-    return evaluate(run, data_dir / "test.parquet", recipe)
+        metrics = evaluate(run, data_dir / "test.parquet", recipe)
+    tracking.log_final_metrics(metrics, recipe)
+    return metrics
 
 
 def _step_of(checkpoint: str | None) -> int:

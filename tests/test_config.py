@@ -10,7 +10,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "jobs" / "recipes"
 def test_seed_recipe_is_the_tutorials():
     r = load_recipe(RECIPES / "instacart-seed.yaml")
     assert r.model.base_model == "TinyPixel/Llama-2-7B-bf16-sharded"
-    assert (r.model.quantization, r.model.bnb_4bit_quant_type, r.model.bnb_4bit_compute_dtype) == ("4bit", "nf4", "float16")
+    m = r.model
+    assert (m.quantization, m.bnb_4bit_quant_type, m.bnb_4bit_compute_dtype) == ("4bit", "nf4", "float16")
     assert (r.lora.r, r.lora.alpha, r.lora.dropout, r.lora.target_modules) == (64, 16, 0.1, ["q_proj", "v_proj"])
     t = r.train
     assert (t.optim, t.learning_rate, t.lr_scheduler_type, t.warmup_ratio, t.max_grad_norm) == (

@@ -6,8 +6,17 @@ import pandas as pd
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.data import (DataError, embedded_catalog, format_completion, format_prompt, ids_fingerprint,
-                           join_products, prepare, read_split, split)
+from pipeline.data import (
+    DataError,
+    embedded_catalog,
+    format_completion,
+    format_prompt,
+    ids_fingerprint,
+    join_products,
+    prepare,
+    read_split,
+    split,
+)
 
 # sha256 of the comma-joined test product_ids, in split order; pins the split across library versions.
 TEST_IDS_SHA256 = {
@@ -101,8 +110,10 @@ def test_unknown_departments_and_empty_names_are_counted_drops(tmp_path):
 
 
 @pytest.mark.parametrize("products, departments, message", [
-    (_products(product_id=[1, 2, 3, 3, 5, 6, 7, 8, 9, 10]), DEPTS, r"products.csv.*2 rows share duplicate product_id values \(e.g. 3\)"),
-    ({"product_id": [1], "name": ["x"], "department_id": [1]}, DEPTS, r"products.csv: missing column\(s\) product_name"),
+    (_products(product_id=[1, 2, 3, 3, 5, 6, 7, 8, 9, 10]), DEPTS,
+     r"products.csv.*2 rows share duplicate product_id values \(e.g. 3\)"),
+    ({"product_id": [1], "name": ["x"], "department_id": [1]}, DEPTS,
+     r"products.csv: missing column\(s\) product_name"),
     (_products(), {"department_id": [1, 2], "dept": ["a", "b"]}, r"departments.csv: missing column\(s\) department"),
     (_products(), {"department_id": [1, 1, 2], "department": ["a", "b", "c"]}, "duplicate department_id"),
 ])
@@ -137,4 +148,5 @@ def test_cli_reports_bad_input_on_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline", "prepare", "--catalog", str(tmp_path / "x.parquet"),
                              "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"catalog-tuner prepare: error: {tmp_path / 'x.parquet'}: file not found"]
+    expected = f"catalog-tuner prepare: error: {tmp_path / 'x.parquet'}: file not found"
+    assert result.stderr.strip().splitlines() == [expected]

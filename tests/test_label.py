@@ -1,7 +1,6 @@
 """The bulk labeler on real Parquet files with a real (tiny) adapter."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,8 +12,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.label import (LabelError, OUTPUT_COLUMNS, Labeler, find_inputs, label_catalogs, parse_shard, plan,
-                            sha256_file)
+from pipeline.label import (
+    OUTPUT_COLUMNS,
+    Labeler,
+    LabelError,
+    find_inputs,
+    label_catalogs,
+    parse_shard,
+    plan,
+    sha256_file,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,7 +29,8 @@ def test_first_token_scores_equal_full_likelihoods_on_single_token_labels(base_m
     """Where each label is one token and EOS is left out, the first-token softmax over the label
     set is exactly the normalised full likelihood: predictions and confidences must agree."""
     candidates = ["bakery", "frozen", "snacks", "pets", "babies", "alcohol", "household", "produce"]
-    single = [l for l, ids in zip(candidates, scoring.label_token_ids(tokenizer, candidates, eos=False)) if len(ids) == 1]
+    tokens = scoring.label_token_ids(tokenizer, candidates, eos=False)
+    single = [label for label, ids in zip(candidates, tokens) if len(ids) == 1]
     assert len(single) >= 5
     prompts, _ = scoring.encode_prompts(tokenizer, NAMES)
     first = scoring.score_first_token(base_model, tokenizer, prompts, single, batch_size=3, progress=False)

@@ -1,0 +1,140 @@
+"""Run one training as a cluster task: ``accelerate launch`` (inside Apptainer when the cluster
+profile names an image), checkpointable on preemption, requeue and time limits.
+
+The task object is what submitit pickles into each Slurm array element. On the ``--signal``
+that precedes a time limit or preemption, submitit calls :meth:`TrainTask.checkpoint`: it asks
+the training (through RUN_DIR/STOP) to save and exit, then hands submitit the same task to
+requeue; the requeued task resumes from that checkpoint to the same final step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from pipeline.config import ClusterProfile, ConfigError
+from pipeline.errors import TrainingInterrupted
+from pipeline.train import STOP_FILE
+
+ACCELERATE_DIR = Path("jobs") / "accelerate"
+# The training checkpointed and stopped (75), or its launcher was killed by SIGTERM.
+INTERRUPTED_CODES = {TrainingInterrupted.exit_code, -signal.SIGTERM, 128 + signal.SIGTERM}
+
+
+def accelerate_config_path(name: str) -> Path:
+    """A path as given, else ``jobs/accelerate/<name>.yaml`` in the working directory or the checkout."""
+    candidates = [Path(name), ACCELERATE_DIR / f"{name}.yaml", Path(__file__).resolve().parents[1] / ACCELERATE_DIR
+                  / f"{name}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    raise ConfigError(f"accelerate config {name!r} not found (looked in {', '.join(map(str, candidates[1:]))})")
+
+
+def distributed_args(profile: ClusterProfile, env: dict[str, str]) -> list[str]:
+    """Process count, and for several nodes the rendezvous, derived from the Slurm environment."""
+    nodes = int(env.get("SLURM_NNODES", profile.nodes))
+    processes = max(1, profile.gpus_per_node) * nodes
+    args = ["--num_processes", str(processes)] if processes > 1 else []
+    if nodes > 1:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True,
+                               text=True, check=True).stdout.split()
+        args += ["--num_machines", str(nodes), "--machine_rank", env.get("SLURM_NODEID", "0"),
+                 "--main_process_ip", hosts[0], "--main_process_port", str(29500 + int(env["SLURM_JOB_ID"]) % 1000)]
+    return args
+
+
+def container_prefix(profile: ClusterProfile) -> list[str]:
+    if not profile.container_image:
+        return []
+    binds = ["--bind", ",".join(profile.container_binds)] if profile.container_binds else []
+    return [profile.apptainer, "exec", "--nv", *binds, profile.container_image]
+
+
+def train_command(recipe: str | Path, overrides: list[str], run_dir: str | Path, accelerate_config: str,
+                  profile: ClusterProfile, env: dict[str, str] | None = None) -> list[str]:
+    """The command one task runs: [apptainer exec ...] python -m accelerate.commands.launch ... train."""
+    env = dict(os.environ) if env is None else env
+    python = "python" if profile.container_image else sys.executable
+    return [
+        *container_prefix(profile),
+        python, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config_path(accelerate_config)),
+        *distributed_args(profile, env),
+        "-m", "pipeline", "train", "--config", str(recipe), "--output", str(run_dir), *overrides,
+    ]
+
+
+class TrainTask(submitit.helpers.Checkpointable):
+    """One sweep configuration, as a submitit task."""
+
+    def __init__(self, recipe: str, accelerate_config: str, profile: ClusterProfile,
+                 env: dict[str, str] | None = None) -> None:
+        self.recipe = recipe
+        self.accelerate_config = accelerate_config
+        self.profile = profile
+        self.env = env or {}
+        self._child: subprocess.Popen | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_child"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _child=None)
+
+    def __call__(self, name: str, overrides: list[str], run_dir: str) -> dict[str, Any]:
+        run = Path(run_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        command = train_command(self.recipe, overrides, run, self.accelerate_config, self.profile)
+        (run / "command.txt").write_text(shlex.join(command) + "\n")
+        env = {**os.environ, **self.env, "WANDB_NAME": name}
+        # Without cgroups nothing stops each process from starting one thread per core of the node;
+        # several tasks on one node then spin against each other (40x slower steps seen here).
+        env.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", str(self.profile.cpus_per_task)))
+        self._child = subprocess.Popen(command, env=env)
+        code = self._child.wait()
+        if code in INTERRUPTED_CODES:
+            # Slurm is requeuing (or cancelling) this job and kills it within KillWait; writing a
+            # failed result now would make the driver give up on a run that is about to resume.
+            time.sleep(600)
+        if code != 0:
+            raise RuntimeError(f"training of {name} exited with code {code}; see this task's log")
+        return json.loads((run / "metrics.json").read_text())
+
+    def checkpoint(self, name: str, overrides: list[str], run_dir: str) -> submitit.helpers.DelayedSubmission:
+        (Path(run_dir) / STOP_FILE).touch()
+        if self._child is not None and self._child.poll() is None:
+            try:
+                self._child.wait(timeout=max(10, self.profile.signal_delay_s - 20))
+            except subprocess.TimeoutExpired:
+                pass  # requeue anyway: the run resumes from its last periodic checkpoint
+        return submitit.helpers.DelayedSubmission(self, name, overrides, run_dir)
+
+
+def make_executor(kind: str, folder: Path, profile: ClusterProfile, job_name: str) -> submitit.Executor:
+    """A submitit executor for ``slurm``, ``local`` (subprocesses) or ``debug`` (in this process)."""
+    if kind not in ("slurm", "local", "debug"):
+        raise ConfigError(f"--executor must be slurm, local or debug, got {kind!r}")
+    executor = submitit.AutoExecutor(folder=folder, cluster=kind)
+    params: dict[str, Any] = {
+        "name": job_name, "timeout_min": profile.time_min, "cpus_per_task": profile.cpus_per_task,
+        "mem_gb": profile.mem_gb, "nodes": profile.nodes, "tasks_per_node": 1,
+    }
+    if kind == "slurm":
+        optional = {"slurm_partition": profile.partition, "slurm_account": profile.account,
+                    "slurm_qos": profile.qos, "slurm_gres": profile.gres,
+                    "slurm_setup": profile.setup or None}
+        params.update({k: v for k, v in optional.items() if v is not None})
+        params.update(slurm_signal_delay_s=profile.signal_delay_s,
+                      slurm_array_parallelism=profile.array_parallelism,
+                      slurm_additional_parameters={"requeue": True})
+    executor.update_parameters(**params)
+    return executor

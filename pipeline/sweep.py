@@ -1,0 +1,253 @@
+"""Sweeps: a W&B-format spec expanded into configurations, run as one job array, ranked, promoted.
+
+W&B's own agent pulls each configuration from W&B's servers, which compute nodes rarely
+reach; so we expand the spec ourselves (deterministically, seeded) and submit all
+configurations at once as a submitit ``map_array`` (one Slurm array). Runs still log to W&B
+(offline, one group per sweep) for the sweep dashboards.
+
+SWEEP_DIR holds ``sweep.json`` (the expanded configurations), ``runs/<name>/`` (one run
+directory each), ``submitit/`` (task logs), ``wandb/``, ``leaderboard.{csv,md,png}``,
+``promoted`` (a link to the best run directory) and ``promoted.json`` (which, on what metric, why).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import ConfigError, load_profile, load_recipe
+
+log = logging.getLogger(__name__)
+
+DISTRIBUTIONS = {"constant", "categorical", "uniform", "int_uniform", "log_uniform_values", "q_uniform",
+                 "normal"}
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    method: str
+    metric: str
+    goal: str
+    parameters: dict[str, dict[str, Any]]
+    run_cap: int | None
+    seed: int
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and validate a W&B sweep YAML whose parameter names are dotted recipe keys."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: sweep file not found") from None
+    method = raw.get("method", "grid")
+    if method not in ("grid", "random"):
+        raise ConfigError(f"{path}: method must be grid or random (bayes needs W&B's server), got {method!r}")
+    metric = raw.get("metric") or {"name": "accuracy", "goal": "maximize"}
+    if metric.get("goal", "maximize") not in ("maximize", "minimize"):
+        raise ConfigError(f"{path}: metric.goal must be maximize or minimize")
+    parameters = raw.get("parameters") or {}
+    if not isinstance(parameters, dict) or not parameters:
+        raise ConfigError(f"{path}: parameters: expected a mapping of recipe keys")
+    for key, spec in parameters.items():
+        if not isinstance(spec, dict) or not ({"value", "values", "min", "max", "distribution"} & set(spec)):
+            raise ConfigError(f"{path}: parameters.{key}: expected value, values, or min/max")
+        if spec.get("distribution", "uniform") not in DISTRIBUTIONS:
+            raise ConfigError(f"{path}: parameters.{key}: unknown distribution {spec['distribution']!r}")
+        if method == "grid" and "value" not in spec and "values" not in spec:
+            raise ConfigError(f"{path}: parameters.{key}: grid search needs value or values")
+    run_cap = raw.get("run_cap")
+    if method == "random" and not run_cap:
+        raise ConfigError(f"{path}: random search needs run_cap")
+    return SweepSpec(name=str(raw.get("name") or path.stem), method=method, metric=metric.get("name", "accuracy"),
+                     goal=metric.get("goal", "maximize"), parameters=parameters, run_cap=run_cap,
+                     seed=int(raw.get("seed", 0)))
+
+
+def _sample(spec: dict[str, Any], rng: random.Random) -> Any:
+    if "value" in spec:
+        return spec["value"]
+    if "values" in spec:
+        return rng.choices(spec["values"], weights=spec.get("probabilities"))[0]
+    kind = spec.get("distribution", "int_uniform" if isinstance(spec.get("min"), int)
+                    and isinstance(spec.get("max"), int) else "uniform")
+    low, high = spec.get("min"), spec.get("max")
+    if kind == "int_uniform":
+        return rng.randint(int(low), int(high))
+    if kind == "log_uniform_values":
+        return math.exp(rng.uniform(math.log(float(low)), math.log(float(high))))
+    if kind == "q_uniform":
+        q = spec.get("q", 1)
+        return round(rng.uniform(float(low), float(high)) / q) * q
+    if kind == "normal":
+        return rng.gauss(spec.get("mu", 0.0), spec.get("sigma", 1.0))
+    return rng.uniform(float(low), float(high))
+
+
+def expand(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The sweep's configurations, as {dotted key: value}: every grid point, or run_cap samples."""
+    keys = sorted(spec.parameters)
+    if spec.method == "grid":
+        axes = [spec.parameters[k]["values"] if "values" in spec.parameters[k] else [spec.parameters[k]["value"]]
+                for k in keys]
+        configs = [dict(zip(keys, point)) for point in itertools.product(*axes)]
+        return configs[: spec.run_cap] if spec.run_cap else configs
+    rng = random.Random(spec.seed)
+    return [{k: _sample(spec.parameters[k], rng) for k in keys} for _ in range(spec.run_cap or 0)]
+
+
+def as_overrides(config: dict[str, Any]) -> list[str]:
+    """``key=value`` strings; values as JSON, which the recipe loader reads as YAML."""
+    return [f"{k}={json.dumps(v)}" for k, v in sorted(config.items())]
+
+
+def sweep_id(spec: SweepSpec, recipe_path: str, configs: list[dict[str, Any]]) -> str:
+    blob = json.dumps({"spec": spec.__dict__, "recipe": str(recipe_path), "configs": configs}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+# --- ranking and promotion -------------------------------------------------------------------
+
+
+def leaderboard(sweep_dir: Path, names: list[str], configs: list[dict[str, Any]], metric: str, goal: str,
+                logs: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Rank finished runs on ``metric``; unfinished ones follow with their log path."""
+    rows = []
+    for name, config in zip(names, configs):
+        metrics_path = sweep_dir / "runs" / name / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        rows.append({"run": name, metric: metrics.get(metric), "macro_f1": metrics.get("macro_f1"),
+                     "n_eval": metrics.get("n_eval"), "train_runtime_s": metrics.get("train_runtime_s"),
+                     "status": "ok" if metric in metrics else "failed",
+                     "log": (logs or {}).get(name, ""), **config})
+    finished = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r[metric], reverse=goal == "maximize")
+    ranked = finished + [r for r in rows if r["status"] != "ok"]
+    for rank, row in enumerate(ranked, 1):
+        row["rank"] = rank if row["status"] == "ok" else None
+    _write_leaderboard(sweep_dir, ranked, metric)
+    return ranked
+
+
+def _write_leaderboard(sweep_dir: Path, rows: list[dict[str, Any]], metric: str) -> None:
+    columns = ["rank", "run", "status", metric, "macro_f1", "n_eval", "train_runtime_s"]
+    columns += [k for k in rows[0] if k not in columns and k != "log"] + ["log"]
+    with open(sweep_dir / "leaderboard.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    shown = [c for c in columns if c != "log"]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join("" if r.get(c) is None else f"{r[c]:.4g}" if isinstance(r.get(c), float)
+                                else str(r[c]) for c in shown) + " |" for r in rows]
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        lines += ["", "Failed runs:"] + [f"- {r['run']}: {r['log']}" for r in failed]
+    (sweep_dir / "leaderboard.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finished = [r for r in rows if r["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(6, 0.4 * max(3, len(finished)) + 1))
+    ax.barh([r["run"] for r in finished][::-1], [r[metric] for r in finished][::-1], color="tab:blue")
+    ax.set_xlabel(metric)
+    ax.set_title(f"{sweep_dir.name}: {metric} per configuration")
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "leaderboard.png", dpi=110)
+    plt.close(fig)
+
+
+def promote(sweep_dir: Path, ranked: list[dict[str, Any]], metric: str, goal: str) -> dict[str, Any] | None:
+    """Point SWEEP_DIR/promoted at the best run and record why."""
+    if not ranked or ranked[0]["status"] != "ok":
+        return None
+    best = ranked[0]
+    link = sweep_dir / "promoted"
+    tmp = sweep_dir / ".promoted.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(Path("runs") / best["run"])
+    os.replace(tmp, link)  # atomic: a labeling job never sees a missing link
+    finished = [r for r in ranked if r["status"] == "ok"]
+    decision = {"run": best["run"], "run_dir": str((sweep_dir / "runs" / best["run"]).resolve()),
+                "metric": metric, "goal": goal, "value": best[metric],
+                "reason": f"best {metric} ({goal}) of {len(finished)} finished runs"
+                          + (f"; runner-up {finished[1]['run']} at {finished[1][metric]:.4f}" if len(finished) > 1
+                             else ""),
+                "failed_runs": [r["run"] for r in ranked if r["status"] != "ok"]}
+    (sweep_dir / "promoted.json").write_text(json.dumps(decision, indent=1) + "\n")
+    return decision
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+def run_sweep(sweep_path: str, recipe_path: str, output: str, executor_kind: str = "slurm",
+              profile_path: str | None = None, profile_overrides: list[str] | None = None,
+              label_catalog: str | None = None, label_output: str | None = None) -> dict[str, Any]:
+    """Expand, submit as one array, wait, rank, promote; optionally queue the labeling job."""
+    from pipeline.launcher import TrainTask, make_executor
+
+    spec = load_sweep(sweep_path)
+    configs = expand(spec)
+    if not configs:
+        raise ConfigError(f"{sweep_path}: the sweep expands to no configuration")
+    for config in configs:  # fail on a typo now, not in every array task
+        load_recipe(recipe_path, as_overrides(config))
+    recipe = load_recipe(recipe_path)
+    profile = load_profile(profile_path or Path("jobs") / "clusters" / "dev.yaml", profile_overrides)
+    group = f"{spec.name}-{sweep_id(spec, recipe_path, configs)}"
+    sweep_dir = Path(output).resolve()
+    (sweep_dir / "runs").mkdir(parents=True, exist_ok=True)
+    names = [f"{spec.name}-{i:03d}" for i in range(len(configs))]
+    (sweep_dir / "sweep.json").write_text(json.dumps(
+        {"name": spec.name, "group": group, "method": spec.method, "metric": spec.metric, "goal": spec.goal,
+         "recipe": str(Path(recipe_path).resolve()), "runs": dict(zip(names, configs))}, indent=1) + "\n")
+
+    env = {"WANDB_RUN_GROUP": group, "WANDB_DIR": str(sweep_dir), "WANDB_JOB_TYPE": "train",
+           "WANDB_PROJECT": recipe.tracking.project, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    task = TrainTask(str(Path(recipe_path).resolve()), recipe.launch.accelerate_config, profile, env)
+    overrides = [as_overrides(c) + ["tracking.wandb=true", f"tracking.group={group}"] for c in configs]
+    executor = make_executor(executor_kind, sweep_dir / "submitit", profile, f"sweep-{spec.name}")
+    jobs = executor.map_array(task, names, overrides, [str(sweep_dir / "runs" / n) for n in names])
+    log.info("submitted %d runs of sweep %s as %s", len(jobs), group, jobs[0].job_id.split("_")[0])
+
+    logs = {}
+    for name, job in zip(names, jobs):
+        try:
+            job.result()
+        except Exception as exc:  # a failed task must not stop the ranking of the others
+            logs[name] = str(job.paths.stdout)
+            log.error("run %s failed (%s); log: %s", name, str(exc).splitlines()[-1] if str(exc) else exc,
+                      job.paths.stdout)
+    ranked = leaderboard(sweep_dir, names, configs, spec.metric, spec.goal, logs)
+    decision = promote(sweep_dir, ranked, spec.metric, spec.goal)
+    if decision and label_catalog:
+        decision["label_job"] = submit_labeling(sweep_dir / "promoted", label_catalog, label_output)
+        (sweep_dir / "promoted.json").write_text(json.dumps(decision, indent=1) + "\n")
+    return {"sweep_dir": str(sweep_dir), "group": group, "ranked": ranked, "promoted": decision}
+
+
+def submit_labeling(adapter: Path, catalog: str, output: str | None) -> str:
+    """Queue slurm/label_catalog.sh after this driver job ends well (afterok)."""
+    command = ["sbatch", "--parsable"]
+    if "SLURM_JOB_ID" in os.environ:
+        command.append(f"--dependency=afterok:{os.environ['SLURM_JOB_ID']}")
+    command += ["slurm/label_catalog.sh", catalog, output or str(adapter.parent / "labeled")]
+    env = {**os.environ, "CATALOG_TUNER_ADAPTER": str(adapter)}
+    return subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout.strip()
