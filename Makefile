@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install demo test clean
+.PHONY: install slurm demo test clean
 
 install: $(VENV)/.installed
 
@@ -19,7 +19,11 @@ demo: install
 	$(BIN)/catalog-tuner prepare --out data/instacart
 	$(BIN)/catalog-tuner train --config jobs/recipes/instacart-smollm2.yaml --output runs/demo
 
-test: install
+# Debian's Slurm, munge and MariaDB for the real-cluster tests (root only; they skip otherwise).
+slurm:
+	@if [ "$$(id -u)" = 0 ] && ! command -v slurmctld >/dev/null; then slurm/dev-cluster.sh install; fi
+
+test: install slurm
 	$(BIN)/ruff check pipeline tests
 	$(BIN)/python -m pytest -q
 

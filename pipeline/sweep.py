@@ -245,7 +245,7 @@ def run_sweep(sweep_path: str, recipe_path: str, output: str, executor_kind: str
 
 def submit_labeling(adapter: Path, catalog: str, output: str | None) -> str:
     """Queue slurm/label_catalog.sh after this driver job ends well (afterok)."""
-    command = ["sbatch", "--parsable"]
+    command = ["sbatch", "--parsable", f"--output={adapter.parent / 'label-%A_%a.out'}"]
     if "SLURM_JOB_ID" in os.environ:
         command.append(f"--dependency=afterok:{os.environ['SLURM_JOB_ID']}")
     command += ["slurm/label_catalog.sh", catalog, output or str(adapter.parent / "labeled")]

@@ -60,6 +60,7 @@ class CheckpointAndStop(TrainerCallback):
     def __init__(self, stop_file: Path) -> None:
         self.stop_file = stop_file
         self.requested = False
+        self.trainer = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
@@ -72,6 +73,12 @@ class CheckpointAndStop(TrainerCallback):
             self.requested = True
             control.should_save = True
             control.should_training_stop = True
+            if self.trainer is not None:
+                # Slurm signals every process of the job: W&B's service is gone, and logging to it
+                # (which precedes the save) would fail or hang the checkpoint.
+                from transformers.integrations import WandbCallback
+
+                self.trainer.remove_callback(WandbCallback)
         return control
 
 
@@ -209,6 +216,7 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True) -> d
         peft_config=peft_lora_config(recipe.lora),
         callbacks=[stopper],
     )
+    stopper.trainer = trainer
     checkpoints = run / "checkpoints"
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if last:

@@ -8,10 +8,13 @@
 #
 #   sbatch slurm/nightly.sh CATALOG OUT_DIR [catalog-tuner label options]
 #
-# NIGHTLY_AT (default 02:00) is when the next run starts; NIGHTLY_ARRAY (default 0-3) the shards.
+# NIGHTLY_AT (default 02:00) is when the next run starts, NIGHTLY_ARRAY (default 0-3) the shards,
+# NIGHTLY_LOGS (default: the submit directory) where the job logs go.
 set -euo pipefail
 at=${NIGHTLY_AT:-02:00}
 self=${NIGHTLY_SCRIPT:-slurm/nightly.sh}
-next=$(sbatch --parsable --begin="$at" "$self" "$@")
+logs=${NIGHTLY_LOGS:-.}
+next=$(sbatch --parsable --begin="$at" --output="$logs/catalog-nightly-%j.out" "$self" "$@")
 echo "next nightly run: job $next at $at"
-sbatch --parsable --array="${NIGHTLY_ARRAY:-0-3}" slurm/label_catalog.sh "$@" --only-missing
+sbatch --parsable --array="${NIGHTLY_ARRAY:-0-3}" --output="$logs/catalog-label-%A_%a.out" \
+    slurm/label_catalog.sh "$@" --only-missing

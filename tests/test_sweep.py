@@ -98,6 +98,29 @@ def test_leaderboard_ranks_lists_failures_and_promotes(tmp_path):
     assert ranked[0]["run"] == "s-000"
 
 
+def test_local_executor_runs_the_same_path(tmp_path, data_dir, base_model_path):
+    """`--executor local`: submitit's local executor, the accelerate launch, ranking, promotion."""
+    from pipeline.sweep import run_sweep
+
+    sweep = tmp_path / "local.yaml"
+    sweep.write_text(f"""
+name: local
+method: grid
+parameters:
+  lora.r: {{values: [4]}}
+  train.max_steps: {{value: 2}}
+  train.per_device_train_batch_size: {{value: 4}}
+  data.max_train_samples: {{value: 16}}
+  data.dir: {{value: "{data_dir}"}}
+  eval.max_samples: {{value: 16}}
+""")
+    result = run_sweep(str(sweep), str(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml"), str(tmp_path / "out"),
+                       "local", str(REPO / "jobs" / "clusters" / "dev.yaml"))
+    assert result["promoted"]["run"] == "local-000"
+    assert (tmp_path / "out" / "promoted" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "out" / "runs" / "local-000" / "metrics.json").read_text())["train_steps"] == 2
+
+
 def test_task_command_bare_and_in_apptainer(tmp_path):
     bare = train_command("r.yaml", ["lora.r=8"], tmp_path, "cpu", ClusterProfile(), env={})
     assert bare[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]

@@ -1,0 +1,197 @@
+"""On a real single-node Slurm cluster (slurm/dev-cluster.sh, started and stopped here): the
+sweep driver and its job array, a requeue mid-training, the sharded labeling array and the
+self-resubmitting nightly job."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STATE = Path("/tmp/ct-slurm-test")  # short: unix socket paths are limited to 108 bytes
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="the dev cluster runs Slurm's daemons as root"),
+    pytest.mark.skipif(shutil.which("slurmctld") is None,
+                       reason="Slurm is not installed: run `slurm/dev-cluster.sh install` (make test does)"),
+]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    start = subprocess.run([str(REPO / "slurm" / "dev-cluster.sh"), "start", str(STATE)], capture_output=True,
+                           text=True, env={**os.environ, "CATALOG_TUNER_SLURM_PORT": "6917",
+                                           "CATALOG_TUNER_SLURM_DB_PORT": "3317"})
+    assert start.returncode == 0, start.stderr
+    conf = re.search(r"export SLURM_CONF=(\S+)", start.stdout).group(1)
+    env = {**os.environ, "SLURM_CONF": conf, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "WANDB_MODE": "offline"}
+    yield env
+    subprocess.run(["scancel", "--user=root"], env=env)
+    subprocess.run([str(REPO / "slurm" / "dev-cluster.sh"), "stop", str(STATE)], env=env, check=True)
+
+
+def sbatch(env, *args) -> str:
+    done = subprocess.run(["sbatch", "--parsable", f"--chdir={REPO}", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(";")[0]
+
+
+def sacct(env, job: str) -> dict[str, str]:
+    """Final state of each job (array elements by their id), steps left out."""
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "-o", "JobID,State"], capture_output=True,
+                         text=True, env=env).stdout
+    return dict(line.split("|")[:2] for line in out.splitlines() if line)
+
+
+def wait(env, job: str, timeout: float = 900) -> dict[str, str]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        states = sacct(env, job)
+        if states and all(s.split()[0] in TERMINAL for s in states.values()):
+            return states
+        time.sleep(2)
+    raise AssertionError(f"job {job} not finished after {timeout} s: {sacct(env, job)}")
+
+
+def tiny_sweep(tmp_path: Path, data_dir: Path, steps: int, ranks: list[int], save_steps: int = 2) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"""
+name: tiny
+method: grid
+metric: {{name: accuracy, goal: maximize}}
+parameters:
+  lora.r: {{values: {ranks}}}
+  train.max_steps: {{value: {steps}}}
+  train.save_steps: {{value: {save_steps}}}
+  train.logging_steps: {{value: 1}}
+  train.per_device_train_batch_size: {{value: 4}}
+  data.max_train_samples: {{value: 200}}
+  data.dir: {{value: "{data_dir}"}}
+  eval.max_samples: {{value: 40}}
+""")
+    return path
+
+
+def test_sweep_runs_as_a_job_array_ranks_and_promotes(cluster, tmp_path, data_dir, base_model_path, catalog):
+    sweep_dir = tmp_path / "sweep"
+    driver = sbatch(cluster, f"--output={tmp_path}/driver-%j.out", "slurm/train_sweep.sh",
+                    str(tiny_sweep(tmp_path, data_dir, steps=3, ranks=[4, 8])), "--output", str(sweep_dir),
+                    "--label-catalog", str(catalog), "--label-output", str(tmp_path / "labeled"))
+    states = wait(cluster, driver)
+    log = next(tmp_path.glob("driver-*.out")).read_text()
+    assert states == {driver: "COMPLETED"}, log[-3000:]
+    array = re.search(r"submitted 2 runs of sweep (\S+) as (\d+)", log)
+    assert array, log[-3000:]
+    assert sacct(cluster, array.group(2)) == {f"{array.group(2)}_0": "COMPLETED", f"{array.group(2)}_1": "COMPLETED"}
+
+    ranked = (sweep_dir / "leaderboard.csv").read_text().splitlines()
+    assert len(ranked) == 3 and ranked[1].startswith("1,") and ranked[2].startswith("2,")
+    promoted = json.loads((sweep_dir / "promoted.json").read_text())
+    best = ranked[1].split(",")[1]
+    assert promoted["run"] == best and (sweep_dir / "promoted").resolve() == (sweep_dir / "runs" / best).resolve()
+    assert (sweep_dir / "leaderboard.png").stat().st_size > 0
+    for run in ("tiny-000", "tiny-001"):
+        assert (sweep_dir / "runs" / run / "adapter" / "adapter_model.safetensors").is_file()
+    offline = sorted((sweep_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2
+    group = array.group(1).encode()
+    for run in offline:  # the offline log is protobuf records: look for the group and the final metrics
+        record = next(run.glob("run-*.wandb")).read_bytes()
+        assert group in record and b"macro_f1" in record
+
+    # --label-catalog queued the labeling array on the promoted adapter, after the driver (afterok)
+    labeling = wait(cluster, promoted["label_job"])
+    assert set(labeling.values()) == {"COMPLETED"}, labeling
+    labeled_by = set()
+    for path in (tmp_path / "labeled").rglob("*.parquet"):
+        labeled_by |= set(pq.read_table(path).column("labeled_by").to_pylist())
+    assert len(labeled_by) == 1 and labeled_by.pop().startswith(f"{best}@")
+
+
+def test_requeued_task_resumes_from_its_checkpoint(cluster, tmp_path, data_dir, base_model_path):
+    sweep_dir = tmp_path / "sweep"
+    steps = 30
+    driver = sbatch(cluster, f"--output={tmp_path}/driver-%j.out", "slurm/train_sweep.sh",
+                    str(tiny_sweep(tmp_path, data_dir, steps=steps, ranks=[4], save_steps=1000)),
+                    "--output", str(sweep_dir))
+    deadline = time.time() + 600
+    task_log = None
+    while time.time() < deadline:  # requeue once training is visibly under way
+        logs = list((sweep_dir / "submitit").glob("*_0_log.err")) if (sweep_dir / "submitit").is_dir() else []
+        if logs and re.search(rf"\b([5-9]|1\d)/{steps} ", logs[0].read_text()):
+            task_log = logs[0]
+            break
+        time.sleep(1)
+    assert task_log, "training did not start"
+    array_task = task_log.name.split("_log")[0].rsplit("_", 1)[0]
+    subprocess.run(["scontrol", "requeue", array_task], env=cluster, check=True)
+    assert wait(cluster, driver) == {driver: "COMPLETED"}
+
+    metrics = json.loads((sweep_dir / "runs" / "tiny-000" / "metrics.json").read_text())
+    resumed_at = int(metrics["resumed_from"].rsplit("-", 1)[1])
+    assert 5 <= resumed_at < steps  # saved on the requeue's SIGTERM, not at a periodic save_steps
+    assert metrics["train_steps"] == steps
+    history = json.loads((sweep_dir / "runs" / "tiny-000" / "train_log.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, steps + 1))
+    attempts = subprocess.run(["sacct", "-n", "-P", "-X", "--duplicates", "-j", array_task, "-o", "State"],
+                              capture_output=True, text=True, env=cluster).stdout.split()
+    assert "REQUEUED" in attempts and attempts[-1] == "COMPLETED"
+
+
+@pytest.fixture()
+def catalog(tmp_path, data_dir) -> Path:
+    names = pq.read_table(data_dir / "test.parquet").column("product_name").to_pylist()[:300]
+    root = tmp_path / "catalog"
+    root.mkdir()
+    for i in range(2):
+        part = names[i * 150:(i + 1) * 150]
+        pq.write_table(pa.table({"product_id": list(range(i * 150, i * 150 + len(part))), "product_name": part}),
+                       root / f"part-{i}.parquet", row_group_size=25)
+    return root
+
+
+def test_labeling_array_covers_every_row_once(cluster, tmp_path, catalog, adapter_run):
+    out = tmp_path / "labeled"
+    job = sbatch({**cluster, "CATALOG_TUNER_ADAPTER": str(adapter_run)}, "--array=0-2",
+                 f"--output={tmp_path}/label-%A_%a.out", "slurm/label_catalog.sh", str(catalog), str(out))
+    states = wait(cluster, job)
+    assert set(states.values()) == {"COMPLETED"} and len(states) == 3, states
+    ids = []
+    for path in out.rglob("*.parquet"):
+        ids += pq.read_table(path).column("product_id").to_pylist()
+    assert sorted(ids) == list(range(300))
+    assert len(list((out / "_manifest").glob("*.json"))) >= 3
+
+
+def test_nightly_job_queues_its_next_run(cluster, tmp_path, catalog, adapter_run):
+    env = {**cluster, "CATALOG_TUNER_ADAPTER": str(adapter_run), "NIGHTLY_AT": "now+1hour", "NIGHTLY_ARRAY": "0-1",
+           "NIGHTLY_LOGS": str(tmp_path)}
+    job = sbatch(env, f"--output={tmp_path}/nightly-%j.out", "slurm/nightly.sh", str(catalog), str(tmp_path / "out"))
+    assert wait(cluster, job) == {job: "COMPLETED"}
+    log = next(tmp_path.glob("nightly-*.out")).read_text()
+    following = re.search(r"next nightly run: job (\d+)", log).group(1)
+    queued = subprocess.run(["squeue", "-h", "-j", following, "-o", "%j|%T|%r"], capture_output=True, text=True,
+                            env=cluster).stdout.strip()
+    assert queued == "catalog-nightly|PENDING|BeginTime"
+    labeling = log.strip().splitlines()[-1]
+    assert wait(cluster, labeling) == {f"{labeling}_0": "COMPLETED", f"{labeling}_1": "COMPLETED"}
+    subprocess.run(["scancel", following], env=cluster, check=True)
+
+
+@pytest.mark.skipif(shutil.which("scrontab") is None, reason="this Slurm build ships no scrontab binary")
+def test_scrontab_entry_installs(cluster):
+    done = subprocess.run(["scrontab", str(REPO / "slurm" / "nightly.scrontab")], env=cluster, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    subprocess.run(["scrontab", "-r"], env=cluster, input="y\n", text=True)
