@@ -151,6 +151,8 @@ class ClusterProfile:
     time_min: int = 60
     signal_delay_s: int = 120
     """Seconds before the time limit at which Slurm signals the task to checkpoint."""
+    max_timeouts: int = 20
+    """How many times a task may hit its time limit and be requeued to continue."""
     array_parallelism: int = 16
     container_image: str | None = None
     """An Apptainer .sif; each task runs inside it with ``apptainer exec --nv``."""

@@ -110,12 +110,13 @@ class TrainTask(submitit.helpers.Checkpointable):
         return json.loads((run / "metrics.json").read_text())
 
     def checkpoint(self, name: str, overrides: list[str], run_dir: str) -> submitit.helpers.DelayedSubmission:
-        (Path(run_dir) / STOP_FILE).touch()
-        if self._child is not None and self._child.poll() is None:
-            try:
-                self._child.wait(timeout=max(10, self.profile.signal_delay_s - 20))
-            except subprocess.TimeoutExpired:
-                pass  # requeue anyway: the run resumes from its last periodic checkpoint
+        """Ask the training to checkpoint (it removes RUN_DIR/STOP when saved), then requeue."""
+        stop = Path(run_dir) / STOP_FILE
+        stop.touch()
+        deadline = time.monotonic() + max(10, self.profile.signal_delay_s - 20)
+        while stop.exists() and time.monotonic() < deadline:  # not the launcher's exit: it may be gone already
+            time.sleep(0.5)
+        stop.unlink(missing_ok=True)  # saved, or out of time: the run resumes from its last checkpoint
         return submitit.helpers.DelayedSubmission(self, name, overrides, run_dir)
 
 
@@ -123,7 +124,7 @@ def make_executor(kind: str, folder: Path, profile: ClusterProfile, job_name: st
     """A submitit executor for ``slurm``, ``local`` (subprocesses) or ``debug`` (in this process)."""
     if kind not in ("slurm", "local", "debug"):
         raise ConfigError(f"--executor must be slurm, local or debug, got {kind!r}")
-    executor = submitit.AutoExecutor(folder=folder, cluster=kind)
+    executor = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=profile.max_timeouts)
     params: dict[str, Any] = {
         "name": job_name, "timeout_min": profile.time_min, "cpus_per_task": profile.cpus_per_task,
         "mem_gb": profile.mem_gb, "nodes": profile.nodes, "tasks_per_node": 1,

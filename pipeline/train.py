@@ -53,15 +53,17 @@ class CheckpointAndStop(TrainerCallback):
     """Save a checkpoint and stop at the next step end when asked, so a requeued job resumes
     where this one stopped instead of at the last periodic checkpoint.
 
-    Asked by SIGTERM or SIGUSR1 (Slurm's requeue, preemption or ``--signal``), or by the file
-    RUN_DIR/STOP, which reaches the process through accelerate or a container on any node.
+    Asked by SIGTERM, SIGUSR1 or SIGUSR2 (Slurm's requeue or preemption, or the ``--signal`` that
+    submitit asks for before the time limit: Slurm sends it to every process of the job), or by
+    the file RUN_DIR/STOP, which reaches the process through accelerate or a container on any
+    node. RUN_DIR/STOP is removed once the checkpoint is written.
     """
 
     def __init__(self, stop_file: Path) -> None:
         self.stop_file = stop_file
         self.requested = False
         self.trainer = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:

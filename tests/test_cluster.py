@@ -149,6 +149,21 @@ def test_requeued_task_resumes_from_its_checkpoint(cluster, tmp_path, data_dir, 
     assert "REQUEUED" in attempts and attempts[-1] == "COMPLETED"
 
 
+def test_time_limit_signal_checkpoints_and_requeues(cluster, tmp_path, data_dir, base_model_path):
+    """submitit's USR2 (signal_delay_s before the time limit) -> TrainTask.checkpoint -> RUN_DIR/STOP
+    -> checkpoint and exit -> requeue -> resume, until the configured step count."""
+    sweep_dir = tmp_path / "sweep"
+    steps = 60  # more than the first 2-minute allocation holds once the signal comes 60 s early
+    driver = sbatch(cluster, f"--output={tmp_path}/driver-%j.out", "slurm/train_sweep.sh",
+                    str(tiny_sweep(tmp_path, data_dir, steps=steps, ranks=[4], save_steps=1000)),
+                    "--output", str(sweep_dir), "--profile-set", "time_min=2", "--profile-set", "signal_delay_s=60")
+    assert wait(cluster, driver, timeout=1200) == {driver: "COMPLETED"}
+    metrics = json.loads((sweep_dir / "runs" / "tiny-000" / "metrics.json").read_text())
+    assert metrics["train_steps"] == steps and metrics["resumed_from"] is not None
+    log = "".join(p.read_text() for p in (sweep_dir / "submitit").glob("*_0_log.*"))
+    assert "this job is timed-out" in log and "stopped at step" in log
+
+
 @pytest.fixture()
 def catalog(tmp_path, data_dir) -> Path:
     names = pq.read_table(data_dir / "test.parquet").column("product_name").to_pylist()[:300]
