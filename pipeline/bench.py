@@ -66,7 +66,7 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
     names, truth = test["product_name"].tolist(), test["department"].tolist()
     peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
 
-    labeler = Labeler(adapter, batch_size=batch_size, progress=False)
+    labeler = Labeler(adapter, batch_size=batch_size)
     labeler.predict(names[:batch_size])  # warm-up
     start = time.perf_counter()
     predicted, _, _ = labeler.predict(names)

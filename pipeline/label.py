@@ -223,7 +223,6 @@ class Labeler:
 
     run_dir: Path
     batch_size: int = 64
-    progress: bool = True
     labeled_by: str = field(init=False)
     adapter_sha256: str = field(init=False)
 
@@ -408,7 +407,7 @@ def label_catalogs(adapter: str | Path, catalogs: list[str], out_dir: str | Path
         return outcomes
     if in_place and any(not u.whole_file for u in units):
         raise LabelError("--in-place cannot split a file between shards; use as many shards as files or fewer")
-    labeler = Labeler(Path(adapter), batch_size=batch_size, progress=progress)
+    labeler = Labeler(Path(adapter), batch_size=batch_size)
     out = Path(out_dir)
     start = time.perf_counter()
     with tqdm(total=sum(u.rows for u in units), unit="row", desc="labeling", disable=not progress) as bar:

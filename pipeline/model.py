@@ -181,8 +181,9 @@ def peft_lora_config(cfg: LoraConfig):
 def load_for_inference(run_dir: str | Path, model_cfg: ModelConfig, device: str, dtype: torch.dtype):
     """Base model in ``dtype`` with the run's adapter merged into its weights, plus tokenizer.
 
-    Merging removes the LoRA side branches from every forward pass (+15% throughput measured
-    on this CPU). The base is loaded unquantized: 4-bit matmuls are slower on CPU.
+    Merging removes the LoRA side branches from every forward pass (the labeler issue's
+    prototype measured +15% on this CPU). The base is loaded unquantized, so inference does
+    not pay for dequantizing 4-bit weights at every matmul.
     """
     from peft import PeftModel
 

@@ -31,7 +31,7 @@ ODD_NAMES = [None, "", "   ", "Milk ->: household", "Crème brûlée 🍮", "牛
 
 @pytest.fixture(scope="module")
 def labeler(adapter_run):
-    return Labeler(adapter_run, progress=False)
+    return Labeler(adapter_run)
 
 
 @pytest.fixture()
