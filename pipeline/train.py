@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import yaml
+from accelerate import PartialState
 from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -181,21 +182,24 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True) -> d
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     check_resumable(run, recipe)
-    save_recipe(recipe, run / "config.yaml")
+    # Under accelerate/torchrun there is one process per device: the main one writes shared files.
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process:
+            save_recipe(recipe, run / "config.yaml")
+        data_dir = ensure_prepared(recipe)
+        base_path = resolve_base_model(recipe.model.base_model)
     set_seed(recipe.train.seed)
 
     # Data
-    data_dir = ensure_prepared(recipe)
     labels = read_labels(data_dir / "labels.json")
     frame = read_split(data_dir / "train.parquet", labels)
     if recipe.data.max_train_samples:
         frame = frame.head(recipe.data.max_train_samples)
     dataset = Dataset.from_dict(to_prompt_completion(frame))
-    shutil.copyfile(data_dir / "labels.json", run / "labels.json")
 
     # Model
     device = train_device()
-    base_path = resolve_base_model(recipe.model.base_model)
     tokenizer = load_tokenizer(base_path, recipe.model)
     model = load_base_model(base_path, recipe.model, device, quantize=True)
     fit_embeddings(model, tokenizer)
@@ -232,6 +236,9 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True) -> d
                                   f"after a checkpoint; rerun to resume")
 
     # Save
+    if not trainer.is_world_process_zero():
+        return {}
+    shutil.copyfile(data_dir / "labels.json", run / "labels.json")
     trainer.model.save_pretrained(run / "adapter")
     tokenizer.save_pretrained(run / "adapter")
     write_loss_log(trainer.state.log_history, run)

@@ -1,6 +1,7 @@
 """Integration: a few real NF4 QLoRA steps on the embedded model, resume, evaluate (about 1 min)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,18 @@ def test_evaluate_rejects_a_non_run(tmp_path):
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.strip() == f"catalog-tuner evaluate: error: {tmp_path}: not a run directory (no config.yaml)"
+
+
+def test_two_process_ddp_on_cpu(tmp_path, data_dir, base_model_path):
+    """Data parallelism: 2 CPU processes (torchrun, gloo) train one NF4 adapter; rank 0 writes the run."""
+    run = tmp_path / "ddp"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline",
+                             "train", "--config", str(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml"),
+                             "--output", str(run), f"data.dir={data_dir}", "data.max_train_samples=64",
+                             "train.max_steps=2", "train.per_device_train_batch_size=4", "eval.max_samples=16"],
+                            capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train_steps"] == 2 and metrics["train_samples"] == 2 * 4 * 2  # both processes' batches
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and metrics["n_eval"] == 16
