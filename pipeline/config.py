@@ -290,11 +290,8 @@ def load_profile(path: str | Path, overrides: list[str] | None = None) -> Cluste
         values = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: cluster profile not found") from None
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"profile override {item!r}: expected key=value")
-        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    if overrides:
+        values = merge(values, parse_overrides(overrides))
     try:
         return _build(ClusterProfile, values, "")
     except ConfigError as exc:

@@ -128,6 +128,10 @@ def _drop(frame: pd.DataFrame, bad: pd.Series, reason: str, drops: dict[str, Any
     return frame.loc[~bad]
 
 
+def _empty_names(names: pd.Series) -> pd.Series:
+    return names.isna() | (names.astype("string").str.strip() == "")
+
+
 def _check_unique_ids(frame: pd.DataFrame, column: str, source: str) -> None:
     duplicated = frame[column][frame[column].duplicated(keep=False)]
     if len(duplicated):
@@ -153,8 +157,7 @@ def join_products(
     if departments["department"].isna().any():
         raise DataError(f"{source}: departments has a null department name")
     products = products.sort_values("product_id", kind="stable")
-    names = products["product_name"]
-    products = _drop(products, names.isna() | (names.astype("string").str.strip() == ""), "empty_product_name", drops)
+    products = _drop(products, _empty_names(products["product_name"]), "empty_product_name", drops)
     products = _drop(products, products["department_id"].isna(), "null_department_id", drops)
     unknown = ~products["department_id"].isin(departments["department_id"])
     products = _drop(products, unknown, "unknown_department_id", drops)
@@ -183,8 +186,7 @@ def labelled_table(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, Any], str]:
         table, source = parquet_catalog(cfg.catalog), str(cfg.catalog)
         _check_unique_ids(table, "product_id", source)
         drops = {}
-        names = table["product_name"]
-        table = _drop(table, names.isna() | (names.astype("string").str.strip() == ""), "empty_product_name", drops)
+        table = _drop(table, _empty_names(table["product_name"]), "empty_product_name", drops)
         table = table[COLUMNS].reset_index(drop=True)
     else:
         raise DataError(f"data.source must be embedded, csv or parquet, got {cfg.source!r}")

@@ -82,13 +82,6 @@ class TrainTask(submitit.helpers.Checkpointable):
         self.accelerate_config = accelerate_config
         self.profile = profile
         self.env = env or {}
-        self._child: subprocess.Popen | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_child"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _child=None)
 
     def __call__(self, name: str, overrides: list[str], run_dir: str) -> dict[str, Any]:
         run = Path(run_dir)
@@ -99,8 +92,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         # Without cgroups nothing stops each process from starting one thread per core of the node;
         # several tasks on one node then spin against each other (40x slower steps seen here).
         env.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", str(self.profile.cpus_per_task)))
-        self._child = subprocess.Popen(command, env=env)
-        code = self._child.wait()
+        code = subprocess.run(command, env=env).returncode
         if code in INTERRUPTED_CODES:
             # Slurm is requeuing (or cancelling) this job and kills it within KillWait; writing a
             # failed result now would make the driver give up on a run that is about to resume.
