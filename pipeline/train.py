@@ -20,8 +20,11 @@ import torch
 import yaml
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import TrainerCallback, TrainerState, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from pipeline import tracking
@@ -225,13 +228,22 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True) -> d
     stopper.trainer = trainer
     checkpoints = run / "checkpoints"
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    if last:
-        log.info("resuming from %s", last)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last)
+    if last and trained_to_the_end(last, recipe):
+        # A job requeued after its last step (the signal came too late to matter) reruns here;
+        # resuming at max_steps would train one step past it (transformers runs a step first).
+        log.info("%s already reached the final step: saving and evaluating it", last)
+        set_peft_model_state_dict(trainer.model, load_file(Path(last) / "adapter_model.safetensors"))
+        trainer.state = TrainerState.load_from_json(str(Path(last) / TRAINER_STATE_NAME))
+        result = TrainOutput(trainer.state.global_step, 0.0, {})
+    else:
+        if last:
+            log.info("resuming from %s", last)
+        result = trainer.train(resume_from_checkpoint=last)
     wall = time.perf_counter() - start
+    if stopper.requested:
+        (run / STOP_FILE).unlink(missing_ok=True)  # tells the launcher that the checkpoint is written
     if stopper.requested and trainer.state.global_step < trainer.state.max_steps:
-        (run / STOP_FILE).unlink(missing_ok=True)
         raise TrainingInterrupted(f"stopped at step {trainer.state.global_step} of {trainer.state.max_steps} "
                                   f"after a checkpoint; rerun to resume")
 
@@ -265,6 +277,12 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True) -> d
         metrics = evaluate(run, data_dir / "test.parquet", recipe)
     tracking.log_final_metrics(metrics, recipe)
     return metrics
+
+
+def trained_to_the_end(checkpoint: str, recipe: Recipe) -> bool:
+    state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+    target = recipe.train.max_steps if recipe.train.max_steps > 0 else state.max_steps
+    return state.global_step >= target
 
 
 def _step_of(checkpoint: str | None) -> int:

@@ -77,6 +77,23 @@ def test_rerun_resumes_from_the_last_checkpoint(tiny_run):
     assert steps == [1, 2, 3, 4, 5, 6]  # the log of the first session is kept, no step is redone
 
 
+def test_rerun_of_a_finished_run_trains_no_further(tiny_run):
+    """A job requeued after its final checkpoint reruns: no step past max_steps, the same adapter."""
+    run, recipe, _ = tiny_run
+    recipe.train.max_steps = 6
+    before = (run / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors").read_bytes()
+    metrics = train(recipe, run, evaluate_after=False)
+    assert metrics["train_steps"] == 6 and metrics["resumed_from"].endswith("checkpoint-6")
+    assert [h["step"] for h in json.loads((run / "train_log.json").read_text()) if "loss" in h] == list(range(1, 7))
+    assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    with safe_open(run / "adapter" / "adapter_model.safetensors", "pt") as saved, \
+            safe_open(run / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors", "pt") as checkpoint:
+        for key in checkpoint.keys():  # in the adapter's dtype: trl keeps QLoRA adapters in bf16
+            weight = saved.get_tensor(key)
+            assert weight.equal(checkpoint.get_tensor(key).to(weight.dtype)), key
+    assert (run / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors").read_bytes() == before
+
+
 def test_rerun_with_another_recipe_is_refused(tiny_run):
     run, recipe, _ = tiny_run
     other = load_recipe(run / "config.yaml", ["lora.r=8"])
