@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/catalog-tuner prepare --out data/instacart
-	$(BIN)/catalog-tuner train --config jobs/recipes/instacart-smollm2.yaml --output runs/demo
+	$(BIN)/catalog-tuner train --config jobs/recipes/instacart-smollm2.yaml --output runs/demo train.max_steps=240
 
 # Debian's Slurm, munge and MariaDB for the real-cluster tests (root only; they skip otherwise).
 slurm:

@@ -4,6 +4,10 @@
     the tutorial's free generation vs the constrained labeler on the same held-out products,
     same adapter, same process: products/s, their ratio, accuracy, and the labeler's achieved
     GFLOP/s against a matmul peak measured in the same run.
+``python -m pipeline.bench train --config RECIPE [--minutes M] [--eval-every K] [key=value ...]``
+    trains a recipe for a fixed budget (of training time, evaluations excluded) and records
+    throughput (s/step, examples/s, tokens/s) and the accuracy curve on a fixed slice of test
+    (the first ``--eval-samples`` products), then the final metrics on the whole split.
 ``python -m pipeline.bench label-memory --adapter RUN_DIR --data DATA_DIR --rows 10000 100000``
     peak memory of ``catalog-tuner label`` on synthetic catalogs of growing size (one fresh
     process per size); ``--new-fraction 0.01`` pre-labels the rest, like a nightly
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -27,6 +32,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
 
 
 def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeat: int = 5) -> float:
@@ -163,6 +171,114 @@ def bench_label_memory(adapter: Path, data: Path, sizes: list[int], new_fraction
     return {"adapter": str(adapter), "new_fraction": new_fraction, "runs": results}
 
 
+class AccuracyCurve(TrainerCallback):
+    """Times every optimizer step and, every K steps, scores a fixed test slice with the model being
+    trained. Evaluation time is kept out of ``train_seconds``, so recipes compare on training cost.
+    Stops the training once ``budget_s`` of training time is spent."""
+
+    def __init__(self, names: list[str], truth: list[str], labels: list[str], every: int, budget_s: float | None,
+                 batch_size: int) -> None:
+        self.names, self.truth, self.labels = names, truth, labels
+        self.every, self.budget_s, self.batch_size = every, budget_s, batch_size
+        self.step_seconds: list[float] = []
+        self.points: list[dict[str, Any]] = []
+        self.prompts: list[list[int]] | None = None
+
+    @property
+    def train_seconds(self) -> float:
+        return sum(self.step_seconds)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self.step_seconds.append(time.perf_counter() - self.step_start)
+        last = state.global_step >= state.max_steps or (self.budget_s and self.train_seconds >= self.budget_s)
+        if self.every and (state.global_step % self.every == 0 or last):
+            self.points.append({"step": state.global_step,
+                                "examples": state.global_step * args.per_device_train_batch_size
+                                * args.gradient_accumulation_steps * args.world_size,
+                                "train_seconds": round(self.train_seconds, 1),
+                                **self.score(model, processing_class)})
+            log.info("bench: %s", self.points[-1])
+        if self.budget_s and self.train_seconds >= self.budget_s:
+            control.should_training_stop = True
+        return control
+
+    def score(self, model, tokenizer) -> dict[str, Any]:
+        from pipeline import scoring
+        from pipeline.evaluate import classification_metrics
+
+        if self.prompts is None:
+            self.prompts, _ = scoring.encode_prompts(tokenizer, self.names)
+        start = time.perf_counter()
+        model.eval()
+        try:
+            predicted = scoring.score(model, tokenizer, self.prompts, self.labels, "auto", self.batch_size,
+                                      progress=False).labels
+        finally:
+            model.train()
+        metrics = classification_metrics(self.truth, predicted, self.labels)
+        return {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
+                "eval_seconds": round(time.perf_counter() - start, 1)}
+
+
+def first_reaching(points: list[dict[str, Any]], accuracy: float) -> dict[str, Any] | None:
+    """The first curve point at or above ``accuracy`` (a conservative time-to-accuracy)."""
+    hit = next((p for p in points if p["accuracy"] >= accuracy), None)
+    return None if hit is None else {"step": hit["step"], "train_seconds": hit["train_seconds"]}
+
+
+def bench_train(config: str, overrides: list[str], run: Path, minutes: float | None, eval_every: int,
+                eval_samples: int, final_eval: bool, thresholds: list[float]) -> dict[str, Any]:
+    from pipeline.config import load_recipe
+    from pipeline.data import read_labels, read_split
+    from pipeline.train import ensure_prepared, train
+
+    if run.exists():
+        raise SystemExit(f"{run}: exists; a benchmark trains a fresh run (choose another --run)")
+    recipe = load_recipe(config, overrides)
+    data_dir = ensure_prepared(recipe)
+    labels = read_labels(data_dir / "labels.json")
+    test = read_split(data_dir / "test.parquet", labels).head(eval_samples)
+    curve = AccuracyCurve(test["product_name"].tolist(), test["department"].tolist(), labels, eval_every,
+                          minutes * 60 if minutes else None, recipe.eval.batch_size)
+    started = time.time()
+    metrics = train(recipe, run, evaluate_after=final_eval, callbacks=[curve])
+
+    t = recipe.train
+    examples_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    timed = curve.step_seconds[2:] or curve.step_seconds  # the first steps warm up allocators and caches
+    seconds_per_step = float(pd.Series(timed).median())
+    history = json.loads((run / "train_log.json").read_text())
+    tokens = max((h.get("num_tokens", 0) for h in history), default=0)
+    final_keys = ("accuracy", "macro_f1", "n_eval", "baseline", "majority_class", "per_label")
+    return {
+        "benchmark": "train",
+        "command": "python -m pipeline.bench train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else None,
+        "recipe": config,
+        "overrides": overrides,
+        "run": str(run),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "device": metrics.get("device")},
+        "quantization": recipe.model.quantization,
+        "steps": metrics["train_steps"],
+        "throughput": {
+            "steps_timed": len(timed),
+            "seconds_per_step": round(seconds_per_step, 3),
+            "examples_per_s": round(examples_per_step / seconds_per_step, 2),
+            "tokens_per_s": round(tokens / curve.train_seconds, 1) if tokens else None,
+            "tokens_per_example": round(tokens / (metrics["train_steps"] * examples_per_step), 1) if tokens else None,
+        },
+        "train_seconds": round(curve.train_seconds, 1),
+        "eval_samples": len(test),
+        "curve": curve.points,
+        "time_to_accuracy": {str(a): first_reaching(curve.points, a) for a in thresholds},
+        "final": {k: metrics[k] for k in final_keys if k in metrics},
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +288,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--products", type=int, default=2000)
     p.add_argument("--tutorial-products", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=64)
+    p = commands.add_parser("train")
+    p.add_argument("--config", default="jobs/recipes/instacart-smollm2.yaml")
+    p.add_argument("--run", help="a fresh run directory (default runs/bench/<recipe>-<time>)")
+    p.add_argument("--minutes", type=float, help="stop after this much training time (evaluations excluded)")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between curve points (0: none)")
+    p.add_argument("--eval-samples", type=int, default=1000)
+    p.add_argument("--no-final-eval", action="store_true", help="skip the evaluation on the whole test split")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.8])
+    p.add_argument("--output", help="also write the JSON here")
+    p.add_argument("overrides", nargs="*", help="dotted recipe overrides, key=value")
     p = commands.add_parser("label-memory")
     p.add_argument("--adapter", default="runs/demo")
     p.add_argument("--data", default="data/instacart")
@@ -185,7 +311,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.command == "label":
+    if args.command == "train":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        run = Path(args.run or f"runs/bench/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        result = bench_train(args.config, args.overrides, run, args.minutes, args.eval_every, args.eval_samples,
+                             not args.no_final_eval, args.thresholds)
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    elif args.command == "label":
         result = bench_label(Path(args.adapter), Path(args.data), args.products, args.tutorial_products,
                              args.batch_size)
     elif args.command == "label-memory":

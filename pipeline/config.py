@@ -88,6 +88,8 @@ class TrainConfig:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    completion_only_logits: bool = True
+    """Project only the labelled (completion) positions through the LM head, on CPU too."""
     group_by_length: bool = False
     dataloader_num_workers: int = 0
 
@@ -101,6 +103,8 @@ class EvalConfig:
     """``auto`` (first-token when the labels allow it), ``first_token`` or ``full``."""
     dtype: str = "auto"
     """Inference dtype: ``auto`` is fp32 on CPU (3x faster than bf16 here), bf16 on CUDA."""
+    baseline: bool = True
+    """Report the TF-IDF + linear SVM baseline (``pipeline.baseline``) fitted on the same split."""
 
 
 @dataclass

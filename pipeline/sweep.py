@@ -132,6 +132,7 @@ def leaderboard(sweep_dir: Path, names: list[str], configs: list[dict[str, Any]]
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         rows.append({"run": name, metric: metrics.get(metric), "macro_f1": metrics.get("macro_f1"),
                      "n_eval": metrics.get("n_eval"), "train_runtime_s": metrics.get("train_runtime_s"),
+                     f"baseline_{metric}": metrics.get("baseline", {}).get(metric),
                      "status": "ok" if metric in metrics else "failed",
                      "log": (logs or {}).get(name, ""), **config})
     finished = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r[metric], reverse=goal == "maximize")
@@ -143,7 +144,7 @@ def leaderboard(sweep_dir: Path, names: list[str], configs: list[dict[str, Any]]
 
 
 def _write_leaderboard(sweep_dir: Path, rows: list[dict[str, Any]], metric: str) -> None:
-    columns = ["rank", "run", "status", metric, "macro_f1", "n_eval", "train_runtime_s"]
+    columns = ["rank", "run", "status", metric, f"baseline_{metric}", "macro_f1", "n_eval", "train_runtime_s"]
     columns += [k for k in rows[0] if k not in columns and k != "log"] + ["log"]
     with open(sweep_dir / "leaderboard.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -153,6 +154,9 @@ def _write_leaderboard(sweep_dir: Path, rows: list[dict[str, Any]], metric: str)
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join("" if r.get(c) is None else f"{r[c]:.4g}" if isinstance(r.get(c), float)
                                 else str(r[c]) for c in shown) + " |" for r in rows]
+    baselines = {r[f"baseline_{metric}"] for r in rows if r.get(f"baseline_{metric}") is not None}
+    if baselines:
+        lines += ["", f"baseline_{metric}: the TF-IDF + linear SVM baseline on each run's own test rows."]
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["", "Failed runs:"] + [f"- {r['run']}: {r['log']}" for r in failed]
@@ -166,6 +170,10 @@ def _write_leaderboard(sweep_dir: Path, rows: list[dict[str, Any]], metric: str)
     finished = [r for r in rows if r["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(6, 0.4 * max(3, len(finished)) + 1))
     ax.barh([r["run"] for r in finished][::-1], [r[metric] for r in finished][::-1], color="tab:blue")
+    for value in sorted(baselines):
+        ax.axvline(value, color="tab:gray", linestyle="--", label="TF-IDF + linear SVM")
+    if baselines:
+        ax.legend(loc="lower right")
     ax.set_xlabel(metric)
     ax.set_title(f"{sweep_dir.name}: {metric} per configuration")
     fig.tight_layout()

@@ -88,6 +88,22 @@ class CheckpointAndStop(TrainerCallback):
         return control
 
 
+def project_labelled_positions_only() -> None:
+    """Make trl's fused LM head project only the positions that carry a label, on CPU too.
+
+    trl 1.16 compacts to the labelled positions on Triton devices and projects every position
+    elsewhere, so that compilers such as Neuron's see one shape per batch. CPU eager has nothing
+    to recompile, and here the prompt is most of each example (about 10 of 12 tokens) while the
+    49k-word LM head is a fifth of the model's FLOPs: projecting every position spends most of
+    that fifth on tokens whose logits are thrown away. The loss and gradients are the same
+    (tested); only the work on masked positions goes.
+    """
+    import trl.trainer.utils as trl_utils
+    from trl.kernels.chunked_logprob import _use_triton
+
+    trl_utils._use_triton = lambda device: device.type == "cpu" or _use_triton(device)
+
+
 def ensure_prepared(recipe: Recipe) -> Path:
     """Return DATA_DIR, preparing it from the recipe's data section if it is missing."""
     data_dir = Path(recipe.data.dir)
@@ -181,7 +197,9 @@ def write_loss_log(history: list[dict[str, Any]], run: Path) -> None:
     plt.close(fig)
 
 
-def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True) -> dict[str, Any]:
+def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
+          callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in RUN_DIR; ``callbacks`` (benchmarks) join the trainer's own."""
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     check_resumable(run, recipe)
@@ -215,6 +233,8 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True) -> d
         )
 
     # Train, resuming from the last checkpoint of an interrupted run
+    if recipe.train.completion_only_logits:
+        project_labelled_positions_only()
     (run / STOP_FILE).unlink(missing_ok=True)
     stopper = CheckpointAndStop(run / STOP_FILE)
     trainer = SFTTrainer(
@@ -223,7 +243,7 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True) -> d
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_lora_config(recipe.lora),
-        callbacks=[stopper],
+        callbacks=[stopper, *(callbacks or [])],
     )
     stopper.trainer = trainer
     checkpoints = run / "checkpoints"

@@ -1,9 +1,15 @@
 """The benchmark helpers (the benchmarks themselves print numbers; nothing is timed here)."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pyarrow.parquet as pq
 
 from pipeline.bench import parse_generation, synthetic_catalog
 
+REPO = Path(__file__).resolve().parents[1]
 LABELS = ["dairy eggs", "frozen", "snacks", "pets"]
 
 
@@ -22,3 +28,25 @@ def test_synthetic_catalog_prelabels_all_but_the_new_fraction(data_dir, tmp_path
     new = table.column("department").null_count
     assert 0.005 < new / 70_000 < 0.02
     assert table.column("labeled_by").null_count == new
+
+
+def test_train_benchmark_writes_its_json_schema(data_dir, base_model_path, tmp_path):
+    """The schema on a tiny budget; the figures themselves live in results/, never in asserts."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench", "train", "--run", str(tmp_path / "run"), "--eval-every", "2",
+         "--eval-samples", "20", "--output", str(out), f"data.dir={data_dir}", "data.max_train_samples=48",
+         "train.max_steps=3", "train.per_device_train_batch_size=4", "train.logging_steps=1",
+         "eval.max_samples=20"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bench = json.loads(out.read_text())
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == bench
+    assert bench["benchmark"] == "train" and bench["steps"] == 3 and bench["eval_samples"] == 20
+    assert set(bench["throughput"]) == {"steps_timed", "seconds_per_step", "examples_per_s", "tokens_per_s",
+                                        "tokens_per_example"}
+    assert bench["throughput"]["seconds_per_step"] > 0 and bench["throughput"]["tokens_per_s"] > 0
+    assert [p["step"] for p in bench["curve"]] == [2, 3]
+    assert all({"examples", "train_seconds", "accuracy", "macro_f1", "eval_seconds"} <= set(p) for p in bench["curve"])
+    assert set(bench["time_to_accuracy"]) == {"0.8"}
+    assert bench["final"]["n_eval"] == 20 and "accuracy" in bench["final"]["baseline"]
+    assert "--eval-every 2" in bench["command"]

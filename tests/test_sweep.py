@@ -82,13 +82,16 @@ def test_leaderboard_ranks_lists_failures_and_promotes(tmp_path):
     for name, accuracy in (("s-000", 0.71), ("s-002", 0.83)):
         (tmp_path / "runs" / name).mkdir(parents=True)
         (tmp_path / "runs" / name / "metrics.json").write_text(json.dumps(
-            {"accuracy": accuracy, "macro_f1": accuracy - 0.1, "n_eval": 100, "train_runtime_s": 5.0}))
+            {"accuracy": accuracy, "macro_f1": accuracy - 0.1, "n_eval": 100, "train_runtime_s": 5.0,
+             "baseline": {"name": "tfidf+linear-svm", "accuracy": 0.8, "macro_f1": 0.7}}))
     configs = [{"lora.r": 4}, {"lora.r": 8}, {"lora.r": 16}]
     ranked = leaderboard(tmp_path, names, configs, "accuracy", "maximize", {"s-001": "/logs/s-001.out"})
     assert [(r["run"], r["rank"], r["status"]) for r in ranked] == [
         ("s-002", 1, "ok"), ("s-000", 2, "ok"), ("s-001", None, "failed")]
     assert "s-001: /logs/s-001.out" in (tmp_path / "leaderboard.md").read_text()
-    assert (tmp_path / "leaderboard.csv").read_text().splitlines()[1].startswith("1,s-002,ok,0.83")
+    csv_lines = (tmp_path / "leaderboard.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("rank,run,status,accuracy,baseline_accuracy,")
+    assert csv_lines[1].startswith("1,s-002,ok,0.83,0.8,")  # the model next to the classical baseline
     assert (tmp_path / "leaderboard.png").stat().st_size > 0
     decision = promote(tmp_path, ranked, "accuracy", "maximize")
     assert (tmp_path / "promoted").resolve() == (tmp_path / "runs" / "s-002").resolve()

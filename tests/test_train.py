@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from datasets import Dataset
 from safetensors import safe_open
 from trl import SFTTrainer
@@ -31,6 +32,35 @@ def test_loss_is_on_the_completion_and_eos_only(base_model, tokenizer, tmp_path)
     assert masked == [None, None, None, None, None, "Ġbakery", "<|im_end|>"]
     batch = trainer.data_collator([example, trainer.train_dataset[0] | {}])
     assert batch["labels"][0, -1].item() == tokenizer.eos_token_id  # EOS is learnt, not masked as padding
+
+
+def test_projecting_labelled_positions_only_keeps_loss_and_gradients(base_model, tokenizer, tmp_path, monkeypatch):
+    import trl.trainer.utils as trl_utils
+
+    from pipeline.train import project_labelled_positions_only
+
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # restored after the test
+    frame = pd.DataFrame({"product_name": ["Bread Rolls", "Organic Whole Milk", "Dog Food Chicken Recipe", "Ice"],
+                          "department": ["bakery", "dairy eggs", "pets", "frozen"]})
+    dataset = Dataset.from_dict(to_prompt_completion(frame))
+    trainer = SFTTrainer(model=base_model, args=sft_config(Recipe(), tmp_path, "cpu"), train_dataset=dataset,
+                         processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+
+    def loss_and_gradient():
+        base_model.zero_grad()
+        loss = trainer.compute_loss(base_model, dict(batch))
+        loss.backward()
+        return loss.detach(), base_model.model.norm.weight.grad.clone()
+
+    try:
+        every_position = loss_and_gradient()
+        project_labelled_positions_only()
+        labelled_only = loss_and_gradient()
+    finally:
+        base_model.zero_grad(set_to_none=True)
+    assert torch.allclose(every_position[0], labelled_only[0], atol=1e-5)
+    assert torch.allclose(every_position[1], labelled_only[1], atol=1e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
