@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
 import time
 from pathlib import Path
@@ -79,7 +80,7 @@ def fitted(train_path: Path, train: pd.DataFrame) -> dict[str, Any]:
     log.info("fitting the %s baseline on %d training rows", NAME, len(train))
     result = {"name": NAME, "train_checksum": checksum, **fit(train)}
     try:
-        tmp = cache.with_suffix(".pkl.tmp")
+        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")  # sweep tasks may fit at the same time
         tmp.write_bytes(pickle.dumps(result))
         tmp.replace(cache)
     except OSError as exc:  # a read-only data folder: fit again next time

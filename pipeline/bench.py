@@ -212,7 +212,13 @@ class AccuracyCurve(TrainerCallback):
         if self.prompts is None:
             self.prompts, _ = scoring.encode_prompts(tokenizer, self.names)
         start = time.perf_counter()
-        model.eval()
+        model.eval()  # LoRA dropout off...
+        for module in model.modules():
+            # ...but bitsandbytes' 4-bit layers stay in training mode: in eval mode on CPU they repack
+            # their weights in place for an inference kernel, and training on afterwards went wrong
+            # (zero gradients, then the loss diverged: seen with the tutorial recipe).
+            if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes"):
+                module.train()
         try:
             predicted = scoring.score(model, tokenizer, self.prompts, self.labels, "auto", self.batch_size,
                                       progress=False).labels
@@ -258,6 +264,7 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
         "command": "python -m pipeline.bench train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else None,
         "recipe": config,
         "overrides": overrides,
+        "config": recipe.to_dict(),
         "run": str(run),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
