@@ -206,6 +206,8 @@ class AccuracyCurve(TrainerCallback):
         return control
 
     def score(self, model, tokenizer) -> dict[str, Any]:
+        from bitsandbytes.nn import Linear4bit
+
         from pipeline import scoring
         from pipeline.evaluate import classification_metrics
 
@@ -217,7 +219,7 @@ class AccuracyCurve(TrainerCallback):
             # ...but bitsandbytes' 4-bit layers stay in training mode: in eval mode on CPU they repack
             # their weights in place for an inference kernel, and training on afterwards went wrong
             # (zero gradients, then the loss diverged: seen with the tutorial recipe).
-            if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes"):
+            if isinstance(module, Linear4bit):
                 module.train()
         try:
             predicted = scoring.score(model, tokenizer, self.prompts, self.labels, "auto", self.batch_size,

@@ -46,9 +46,10 @@ def majority_baseline(train_departments: pd.Series, truth: list[str], labels: li
     return {"label": majority, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
 
 
-def baseline_metrics(train_path: Path, test: pd.DataFrame, labels: list[str]) -> dict[str, Any]:
-    """The classical baseline, fitted on the training split, scored on the same test rows."""
-    fitted = baseline.fitted(train_path, read_split(train_path))
+def baseline_metrics(train_path: Path, train: pd.DataFrame, test: pd.DataFrame, labels: list[str]) -> dict[str, Any]:
+    """The classical baseline, fitted on the training split (``train``, read from ``train_path``),
+    scored on the same test rows."""
+    fitted = baseline.fitted(train_path, train)
     predicted = [str(p) for p in fitted["model"].predict(test["product_name"].tolist())]
     metrics = classification_metrics(test["department"].tolist(), predicted, labels)
     return {"name": fitted["name"], "c": fitted["c"], "fit_seconds": fitted["fit_seconds"],
@@ -116,7 +117,8 @@ def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: R
     if recipe.eval.max_samples:
         test = test.head(recipe.eval.max_samples)
     train_path = data_path.with_name("train.parquet")
-    train_departments = read_split(train_path)["department"] if train_path.is_file() else test["department"]
+    train = read_split(train_path) if train_path.is_file() else None
+    train_departments = train["department"] if train is not None else test["department"]
 
     device = train_device()
     model, tokenizer = load_for_inference(run, recipe.model, device, resolve_dtype(recipe.eval.dtype, device))
@@ -136,8 +138,8 @@ def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: R
         eval_products_per_s=round(len(truth) / seconds, 1),
         majority_class=majority_baseline(train_departments, truth, labels),
     )
-    if recipe.eval.baseline and train_path.is_file():
-        metrics["baseline"] = baseline_metrics(train_path, test, labels)
+    if recipe.eval.baseline and train is not None:
+        metrics["baseline"] = baseline_metrics(train_path, train, test, labels)
     plot_confusion(truth, scores.labels, labels, run / "confusion_matrix.png")
     test.assign(predicted=scores.labels, confidence=scores.confidence).to_parquet(
         run / "eval_predictions.parquet", index=False

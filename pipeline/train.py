@@ -249,12 +249,13 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
     checkpoints = run / "checkpoints"
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     start = time.perf_counter()
-    if last and trained_to_the_end(last, recipe):
+    finished = last and final_state(last, recipe)
+    if finished:
         # A job requeued after its last step (the signal came too late to matter) reruns here;
         # resuming at max_steps would train one step past it (transformers runs a step first).
         log.info("%s already reached the final step: saving and evaluating it", last)
         set_peft_model_state_dict(trainer.model, load_file(Path(last) / "adapter_model.safetensors"))
-        trainer.state = TrainerState.load_from_json(str(Path(last) / TRAINER_STATE_NAME))
+        trainer.state = finished
         result = TrainOutput(trainer.state.global_step, 0.0, {})
     else:
         if last:
@@ -299,10 +300,11 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
     return metrics
 
 
-def trained_to_the_end(checkpoint: str, recipe: Recipe) -> bool:
+def final_state(checkpoint: str, recipe: Recipe) -> TrainerState | None:
+    """The checkpoint's trainer state if it already reached the recipe's final step, else None."""
     state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
     target = recipe.train.max_steps if recipe.train.max_steps > 0 else state.max_steps
-    return state.global_step >= target
+    return state if state.global_step >= target else None
 
 
 def _step_of(checkpoint: str | None) -> int:
