@@ -153,15 +153,23 @@ def test_time_limit_signal_checkpoints_and_requeues(cluster, tmp_path, data_dir,
     """submitit's USR2 (signal_delay_s before the time limit) -> TrainTask.checkpoint -> RUN_DIR/STOP
     -> checkpoint and exit -> requeue -> resume, until the configured step count."""
     sweep_dir = tmp_path / "sweep"
-    steps = 60  # more than the first 2-minute allocation holds once the signal comes 60 s early
+    # About 40 s of each 2-minute allocation go to training once the signal comes 60 s early: 50-60
+    # steps on this machine, so the first signal lands mid-run. A later one may land on the last
+    # step; that job is requeued too and its rerun saves and evaluates without training further.
+    steps = 90
     driver = sbatch(cluster, f"--output={tmp_path}/driver-%j.out", "slurm/train_sweep.sh",
                     str(tiny_sweep(tmp_path, data_dir, steps=steps, ranks=[4], save_steps=1000)),
                     "--output", str(sweep_dir), "--profile-set", "time_min=2", "--profile-set", "signal_delay_s=60")
     assert wait(cluster, driver, timeout=1200) == {driver: "COMPLETED"}
-    metrics = json.loads((sweep_dir / "runs" / "tiny-000" / "metrics.json").read_text())
+    run = sweep_dir / "runs" / "tiny-000"
+    metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train_steps"] == steps and metrics["resumed_from"] is not None
+    history = json.loads((run / "train_log.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, steps + 1))
     log = "".join(p.read_text() for p in (sweep_dir / "submitit").glob("*_0_log.*"))
-    assert "this job is timed-out" in log and "stopped at step" in log
+    assert "this job is timed-out" in log
+    stopped = re.findall(rf"stopped at step \d+ of {steps} after a checkpoint", log)
+    assert stopped, log[-3000:]
 
 
 @pytest.fixture()
