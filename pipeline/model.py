@@ -182,8 +182,10 @@ def load_for_inference(run_dir: str | Path, model_cfg: ModelConfig, device: str,
     """Base model in ``dtype`` with the run's adapter merged into its weights, plus tokenizer.
 
     Merging removes the LoRA side branches from every forward pass (the labeler issue's
-    prototype measured +15% on this CPU). The base is loaded unquantized, so inference does
-    not pay for dequantizing 4-bit weights at every matmul.
+    prototype measured +15% on this CPU), and inference does not pay for dequantizing 4-bit
+    weights at every matmul. A QLoRA adapter learned its update against the NF4-rounded base,
+    not the original weights, so for a 4-bit recipe the base is quantized as in training and
+    dequantized before the merge (QLoRA's own advice; results/README.md has the measurement).
     """
     from peft import PeftModel
 
@@ -192,7 +194,10 @@ def load_for_inference(run_dir: str | Path, model_cfg: ModelConfig, device: str,
         raise ModelError(f"{adapter}: no adapter_config.json (is {run_dir} a finished run directory?)")
     path = resolve_base_model(model_cfg.base_model)
     tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else path, model_cfg)
-    model = load_base_model(path, model_cfg, device, quantize=False, dtype=dtype)
+    if model_cfg.quantization == "none":
+        model = load_base_model(path, model_cfg, device, quantize=False, dtype=dtype)
+    else:
+        model = load_base_model(path, model_cfg, device, quantize=True).dequantize().to(dtype)
     fit_embeddings(model, tokenizer)
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     model.eval()

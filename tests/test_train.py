@@ -146,6 +146,28 @@ def test_evaluate_command(tiny_run, data_dir):
     assert predictions["confidence"].between(0, 1).all()
 
 
+def test_inference_merges_the_adapter_into_the_base_it_was_trained_on(tiny_run):
+    """A QLoRA adapter learned its update against NF4-rounded weights; inference merges it into those."""
+    from bitsandbytes.functional import dequantize_4bit
+    from safetensors.torch import load_file
+
+    from pipeline.model import load_base_model, load_for_inference, resolve_base_model
+
+    run, recipe, _ = tiny_run
+    merged, _ = load_for_inference(run, recipe.model, "cpu", torch.float32)
+    path = resolve_base_model(recipe.model.base_model)
+    trained_on = load_base_model(path, recipe.model, "cpu", quantize=True).model.layers[0].self_attn.q_proj
+    nf4 = dequantize_4bit(trained_on.weight.data, trained_on.weight.quant_state).float()
+    original = load_base_model(path, recipe.model, "cpu", quantize=False, dtype=torch.float32)
+    assert not torch.allclose(nf4, original.model.layers[0].self_attn.q_proj.weight)
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    update = adapter[f"{prefix}.lora_B.weight"].float() @ adapter[f"{prefix}.lora_A.weight"].float()
+    assert update.abs().max() > 0
+    expected = nf4 + recipe.lora.alpha / recipe.lora.r * update
+    assert torch.allclose(merged.model.layers[0].self_attn.q_proj.weight, expected, atol=1e-6)
+
+
 def test_evaluate_rejects_a_non_run(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", "--run", str(tmp_path)],
                             capture_output=True, text=True, cwd=REPO)
