@@ -12,6 +12,11 @@
     peak memory of ``catalog-tuner label`` on synthetic catalogs of growing size (one fresh
     process per size); ``--new-fraction 0.01`` pre-labels the rest, like a nightly
     ``--only-missing`` run.
+``python -m pipeline.bench errors --run RUN_DIR [--train-samples N]``
+    where a finished run's test predictions and the classical baseline's agree and differ (both
+    right, only one right, neither), how often products whose names repeat between train and
+    test carry the same department (a ceiling set by the labels themselves), and how well the
+    model fits its own training rows.
 """
 
 from __future__ import annotations
@@ -174,12 +179,13 @@ def bench_label_memory(adapter: Path, data: Path, sizes: list[int], new_fraction
 class AccuracyCurve(TrainerCallback):
     """Times every optimizer step and, every K steps, scores a fixed test slice with the model being
     trained. Evaluation time is kept out of ``train_seconds``, so recipes compare on training cost.
-    Stops the training once ``budget_s`` of training time is spent."""
+    Stops the training once ``budget_s`` of training time is spent, or once a curve point reaches
+    ``stop_at`` accuracy (a time-to-accuracy run need not train on past its answer)."""
 
     def __init__(self, names: list[str], truth: list[str], labels: list[str], every: int, budget_s: float | None,
-                 batch_size: int) -> None:
+                 batch_size: int, stop_at: float | None = None) -> None:
         self.names, self.truth, self.labels = names, truth, labels
-        self.every, self.budget_s, self.batch_size = every, budget_s, batch_size
+        self.every, self.budget_s, self.batch_size, self.stop_at = every, budget_s, batch_size, stop_at
         self.step_seconds: list[float] = []
         self.points: list[dict[str, Any]] = []
         self.prompts: list[list[int]] | None = None
@@ -201,6 +207,8 @@ class AccuracyCurve(TrainerCallback):
                                 "train_seconds": round(self.train_seconds, 1),
                                 **self.score(model, processing_class)})
             log.info("bench: %s", self.points[-1])
+            if self.stop_at is not None and self.points[-1]["accuracy"] >= self.stop_at:
+                control.should_training_stop = True
         if self.budget_s and self.train_seconds >= self.budget_s:
             control.should_training_stop = True
         return control
@@ -238,7 +246,8 @@ def first_reaching(points: list[dict[str, Any]], accuracy: float) -> dict[str, A
 
 
 def bench_train(config: str, overrides: list[str], run: Path, minutes: float | None, eval_every: int,
-                eval_samples: int, final_eval: bool, thresholds: list[float]) -> dict[str, Any]:
+                eval_samples: int, final_eval: bool, thresholds: list[float],
+                stop_at: float | None = None) -> dict[str, Any]:
     from pipeline.config import load_recipe
     from pipeline.data import read_labels, read_split
     from pipeline.train import ensure_prepared, train
@@ -250,7 +259,7 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
     labels = read_labels(data_dir / "labels.json")
     test = read_split(data_dir / "test.parquet", labels).head(eval_samples)
     curve = AccuracyCurve(test["product_name"].tolist(), test["department"].tolist(), labels, eval_every,
-                          minutes * 60 if minutes else None, recipe.eval.batch_size)
+                          minutes * 60 if minutes else None, recipe.eval.batch_size, stop_at)
     started = time.time()
     metrics = train(recipe, run, evaluate_after=final_eval, callbacks=[curve])
 
@@ -288,6 +297,66 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
     }
 
 
+def normalized_name(name: str) -> str:
+    """Lower-case letters and single spaces: "Organic Whole Milk, 1 gal" and "organic whole milk gal"
+    are one product name for the repeated-names count."""
+    return " ".join("".join(c if c.isalpha() else " " for c in name.lower()).split())
+
+
+def bench_errors(run: Path, train_samples: int) -> dict[str, Any]:
+    from pipeline import baseline, scoring
+    from pipeline.config import load_recipe
+    from pipeline.data import read_labels, read_split
+    from pipeline.model import load_for_inference, resolve_dtype, train_device
+
+    recipe = load_recipe(run / "config.yaml")
+    predictions = pd.read_parquet(run / "eval_predictions.parquet")
+    data_dir = Path(recipe.data.dir)
+    train = read_split(data_dir / "train.parquet")
+    svm = baseline.fitted(data_dir / "train.parquet", train)["model"]
+    truth = predictions["department"].to_numpy()
+    model_right = predictions["predicted"].to_numpy() == truth
+    baseline_right = svm.predict(predictions["product_name"].tolist()) == truth
+    n = len(truth)
+
+    train_department = train.assign(key=train["product_name"].map(normalized_name)).groupby("key")["department"]
+    usual = train_department.agg(lambda d: d.mode().iloc[0])
+    keys = predictions["product_name"].map(normalized_name)
+    repeated = keys.isin(usual.index).to_numpy()
+    result: dict[str, Any] = {
+        "benchmark": "errors",
+        "run": str(run),
+        "test_products": n,
+        "model_accuracy": round(float(model_right.mean()), 4),
+        "baseline_accuracy": round(float(baseline_right.mean()), 4),
+        "both_right": round(float((model_right & baseline_right).mean()), 4),
+        "model_only_right": round(float((model_right & ~baseline_right).mean()), 4),
+        "baseline_only_right": round(float((~model_right & baseline_right).mean()), 4),
+        "neither_right": round(float((~model_right & ~baseline_right).mean()), 4),
+        "either_right": round(float((model_right | baseline_right).mean()), 4),
+        "repeated_names": {
+            "test_products": int(repeated.sum()),
+            "same_department_as_train": round(float((usual.reindex(keys[repeated]).to_numpy()
+                                                     == truth[repeated]).mean()), 4) if repeated.any() else None,
+            "model_accuracy": round(float(model_right[repeated].mean()), 4) if repeated.any() else None,
+        },
+    }
+    if train_samples:
+        rows = train.head(train_samples)
+        labels = read_labels(run / "labels.json")
+        device = train_device()
+        model, tokenizer = load_for_inference(run, recipe.model, device, resolve_dtype(recipe.eval.dtype, device))
+        prompts, _ = scoring.encode_prompts(tokenizer, rows["product_name"].tolist(), recipe.train.max_length)
+        predicted = scoring.score(model, tokenizer, prompts, labels, recipe.eval.scorer, recipe.eval.batch_size).labels
+        result["train_fit"] = {
+            "train_products": len(rows),
+            "model_accuracy": round(float((pd.Series(predicted) == rows["department"].to_numpy()).mean()), 4),
+            "baseline_accuracy": round(float((svm.predict(rows["product_name"].tolist())
+                                              == rows["department"].to_numpy()).mean()), 4),
+        }
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -305,6 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--no-final-eval", action="store_true", help="skip the evaluation on the whole test split")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.8])
+    p.add_argument("--stop-at", type=float, help="stop once a curve point reaches this accuracy")
     p.add_argument("--output", help="also write the JSON here")
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides, key=value")
     p = commands.add_parser("label-memory")
@@ -317,6 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--catalog", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--only-missing", action="store_true")
+    p = commands.add_parser("errors")
+    p.add_argument("--run", required=True, help="a run directory that has been evaluated")
+    p.add_argument("--train-samples", type=int, default=0, help="also score the first N training products")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -324,13 +397,15 @@ def main(argv: list[str] | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         run = Path(args.run or f"runs/bench/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
         result = bench_train(args.config, args.overrides, run, args.minutes, args.eval_every, args.eval_samples,
-                             not args.no_final_eval, args.thresholds)
+                             not args.no_final_eval, args.thresholds, args.stop_at)
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
     elif args.command == "label":
         result = bench_label(Path(args.adapter), Path(args.data), args.products, args.tutorial_products,
                              args.batch_size)
+    elif args.command == "errors":
+        result = bench_errors(Path(args.run), args.train_samples)
     elif args.command == "label-memory":
         result = bench_label_memory(Path(args.adapter), Path(args.data), args.rows, args.new_fraction)
     else:

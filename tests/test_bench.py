@@ -1,11 +1,13 @@
 """The benchmark helpers (the benchmarks themselves print numbers; nothing is timed here)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import torch
 
 from pipeline.bench import parse_generation, synthetic_catalog
 
@@ -56,3 +58,48 @@ def test_train_benchmark_writes_its_json_schema(data_dir, base_model_path, tmp_p
     # bitsandbytes repacked them for its CPU inference kernel and no gradient reached q/v again.
     history = json.loads((tmp_path / "run" / "train_log.json").read_text())
     assert [h["grad_norm"] > 0 for h in history if "grad_norm" in h] == [True, True, True]
+
+
+def test_curve_stops_the_training_once_it_reaches_stop_at(adapter_run, data_dir):
+    """``--stop-at``: a time-to-accuracy run ends at the first curve point at or above the target."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from pipeline.bench import AccuracyCurve
+    from pipeline.config import load_recipe
+    from pipeline.data import read_labels, read_split
+    from pipeline.model import load_for_inference
+
+    recipe = load_recipe(adapter_run / "config.yaml")
+    model, tokenizer = load_for_inference(adapter_run, recipe.model, "cpu", torch.float32)
+    labels = read_labels(adapter_run / "labels.json")
+    test = read_split(data_dir / "test.parquet", labels).head(8)
+    args = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=1)
+    for stop_at, stops in ((0.0, True), (1.01, False), (None, False)):
+        curve = AccuracyCurve(test["product_name"].tolist(), test["department"].tolist(), labels, every=2,
+                              budget_s=None, batch_size=8, stop_at=stop_at)
+        control = TrainerControl()
+        curve.on_step_begin(args, TrainerState(), control)
+        curve.on_step_end(args, TrainerState(global_step=2, max_steps=10), control, model=model,
+                          processing_class=tokenizer)
+        assert [p["step"] for p in curve.points] == [2]
+        assert control.should_training_stop is stops
+
+
+def test_errors_benchmark_splits_the_test_rows_between_model_and_baseline(adapter_run, tmp_path):
+    from pipeline.bench import bench_errors, normalized_name
+    from pipeline.config import load_recipe
+    from pipeline.evaluate import evaluate
+
+    assert normalized_name("Organic Whole Milk, 1 gal") == normalized_name("organic  whole milk gal")
+    run = tmp_path / "run"
+    shutil.copytree(adapter_run, run)
+    metrics = evaluate(run, recipe=load_recipe(run / "config.yaml", ["eval.max_samples=40"]), progress=False)
+    errors = bench_errors(run, train_samples=16)
+    assert errors["test_products"] == 40 and errors["model_accuracy"] == round(metrics["accuracy"], 4)
+    assert errors["baseline_accuracy"] == round(metrics["baseline"]["accuracy"], 4)
+    parts = ("both_right", "model_only_right", "baseline_only_right", "neither_right")
+    assert abs(sum(errors[k] for k in parts) - 1) < 1e-3
+    assert abs(errors["either_right"] - 1 + errors["neither_right"]) < 1e-3
+    assert errors["train_fit"]["train_products"] == 16 and 0 <= errors["train_fit"]["model_accuracy"] <= 1
