@@ -4,10 +4,11 @@
     the tutorial's free generation vs the constrained labeler on the same held-out products,
     same adapter, same process: products/s, their ratio, accuracy, and the labeler's achieved
     GFLOP/s against a matmul peak measured in the same run.
-``python -m pipeline.bench train --config RECIPE [--minutes M] [--eval-every K] [key=value ...]``
+``python -m pipeline.bench train --config RECIPE [--minutes M] [--stop-at A] [--eval-every K] [key=value ...]``
     trains a recipe for a fixed budget (of training time, evaluations excluded) and records
     throughput (s/step, examples/s, tokens/s) and the accuracy curve on a fixed slice of test
-    (the first ``--eval-samples`` products), then the final metrics on the whole split.
+    (the first ``--eval-samples`` products), then the final metrics on the whole split;
+    ``--stop-at`` ends it once a curve point reaches that accuracy.
 ``python -m pipeline.bench label-memory --adapter RUN_DIR --data DATA_DIR --rows 10000 100000``
     peak memory of ``catalog-tuner label`` on synthetic catalogs of growing size (one fresh
     process per size); ``--new-fraction 0.01`` pre-labels the rest, like a nightly
