@@ -318,7 +318,9 @@ def bench_errors(run: Path, train_samples: int) -> dict[str, Any]:
     truth = predictions["department"].to_numpy()
     model_right = predictions["predicted"].to_numpy() == truth
     baseline_right = svm.predict(predictions["product_name"].tolist()) == truth
-    n = len(truth)
+
+    def share(mask) -> float | None:
+        return round(float(mask.mean()), 4) if mask.size else None
 
     train_department = train.assign(key=train["product_name"].map(normalized_name)).groupby("key")["department"]
     usual = train_department.agg(lambda d: d.mode().iloc[0])
@@ -327,33 +329,32 @@ def bench_errors(run: Path, train_samples: int) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "errors",
         "run": str(run),
-        "test_products": n,
-        "model_accuracy": round(float(model_right.mean()), 4),
-        "baseline_accuracy": round(float(baseline_right.mean()), 4),
-        "both_right": round(float((model_right & baseline_right).mean()), 4),
-        "model_only_right": round(float((model_right & ~baseline_right).mean()), 4),
-        "baseline_only_right": round(float((~model_right & baseline_right).mean()), 4),
-        "neither_right": round(float((~model_right & ~baseline_right).mean()), 4),
-        "either_right": round(float((model_right | baseline_right).mean()), 4),
+        "test_products": len(truth),
+        "model_accuracy": share(model_right),
+        "baseline_accuracy": share(baseline_right),
+        "both_right": share(model_right & baseline_right),
+        "model_only_right": share(model_right & ~baseline_right),
+        "baseline_only_right": share(~model_right & baseline_right),
+        "neither_right": share(~model_right & ~baseline_right),
+        "either_right": share(model_right | baseline_right),
         "repeated_names": {
             "test_products": int(repeated.sum()),
-            "same_department_as_train": round(float((usual.reindex(keys[repeated]).to_numpy()
-                                                     == truth[repeated]).mean()), 4) if repeated.any() else None,
-            "model_accuracy": round(float(model_right[repeated].mean()), 4) if repeated.any() else None,
+            "same_department_as_train": share(usual.reindex(keys[repeated]).to_numpy() == truth[repeated]),
+            "model_accuracy": share(model_right[repeated]),
         },
     }
     if train_samples:
         rows = train.head(train_samples)
+        names, departments = rows["product_name"].tolist(), rows["department"].to_numpy()
         labels = read_labels(run / "labels.json")
         device = train_device()
         model, tokenizer = load_for_inference(run, recipe.model, device, resolve_dtype(recipe.eval.dtype, device))
-        prompts, _ = scoring.encode_prompts(tokenizer, rows["product_name"].tolist(), recipe.train.max_length)
+        prompts, _ = scoring.encode_prompts(tokenizer, names, recipe.train.max_length)
         predicted = scoring.score(model, tokenizer, prompts, labels, recipe.eval.scorer, recipe.eval.batch_size).labels
         result["train_fit"] = {
             "train_products": len(rows),
-            "model_accuracy": round(float((pd.Series(predicted) == rows["department"].to_numpy()).mean()), 4),
-            "baseline_accuracy": round(float((svm.predict(rows["product_name"].tolist())
-                                              == rows["department"].to_numpy()).mean()), 4),
+            "model_accuracy": share(pd.Series(predicted).to_numpy() == departments),
+            "baseline_accuracy": share(svm.predict(names) == departments),
         }
     return result
 
