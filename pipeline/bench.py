@@ -52,6 +52,21 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeat: int = 5) ->
     return 2 * size**3 * repeat / (time.perf_counter() - start) / 1e9
 
 
+def machine(device: str | None) -> dict[str, Any]:
+    """What a throughput figure depends on: results from different machines are not comparable
+    (one dev machine had AMX, bf16 matmuls at 5.9x fp32's rate; another had neither AMX nor
+    AVX512-BF16, bf16 at a third to half of fp32's)."""
+    from pipeline.model import cpu_has_native_bf16
+
+    cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": device, "cpu": cpu_model, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_native_bf16": cpu_has_native_bf16(),
+            "matmul_peak_gflops": {"fp32": round(matmul_peak_gflops(torch.float32), 1),
+                                   "bf16": round(matmul_peak_gflops(torch.bfloat16), 1)}}
+
+
 def parse_generation(text: str, prompt: str, labels: list[str]) -> str | None:
     """The tutorial's answer: the label named first after the prompt (longest on ties), if any."""
     answer = text[len(prompt):].lower() if text.startswith(prompt) else text.lower()
@@ -279,9 +294,9 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
         "config": recipe.to_dict(),
         "run": str(run),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "device": metrics.get("device")},
+        "machine": machine(metrics.get("device")),
         "quantization": recipe.model.quantization,
+        "compute_dtype": metrics.get("compute_dtype"),
         "steps": metrics["train_steps"],
         "throughput": {
             "steps_timed": len(timed),

@@ -54,7 +54,9 @@ class ModelConfig:
     """``4bit`` (QLoRA via bitsandbytes) or ``none`` (plain LoRA)."""
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_use_double_quant: bool = True
-    bnb_4bit_compute_dtype: str = "bfloat16"
+    bnb_4bit_compute_dtype: str = "auto"
+    """dtype the 4-bit layers compute in: ``auto`` is bf16 on CUDA and on CPUs with AMX or
+    AVX512-BF16, fp32 on other CPUs (where emulated bf16 is slower)."""
     torch_dtype: str = "auto"
     """dtype of the non-quantized weights: ``auto`` is bf16 on CUDA, fp32 on CPU."""
 
@@ -88,6 +90,8 @@ class TrainConfig:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    torch_compile: bool = False
+    """Compile the model with torch.compile (transformers' ``torch_compile``)."""
     completion_only_logits: bool = True
     """Project only the labelled (completion) positions through the LM head, on CPU too."""
     group_by_length: bool = False

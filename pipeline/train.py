@@ -167,6 +167,7 @@ def sft_config(recipe: Recipe, run: Path, device: str) -> SFTConfig:
         bf16=bf16,
         fp16=fp16,
         gradient_checkpointing=t.gradient_checkpointing,
+        torch_compile=t.torch_compile,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         dataloader_num_workers=t.dataloader_num_workers,
         use_cpu=not on_cuda,
@@ -286,6 +287,8 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
         "resumed_from": last,
         "seconds_per_step_this_session": round(wall / max(1, steps - _step_of(last)), 3),
         "quantization": recipe.model.quantization,
+        "compute_dtype": str(getattr(model.config.quantization_config, "bnb_4bit_compute_dtype", None)
+                             if getattr(model, "is_loaded_in_4bit", False) else None),
         "device": device,
         "torch_threads": torch.get_num_threads(),
     }
