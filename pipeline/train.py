@@ -37,6 +37,7 @@ from pipeline.model import (
     load_tokenizer,
     peft_lora_config,
     resolve_base_model,
+    resolve_compute_dtype,
     train_device,
 )
 
@@ -287,8 +288,8 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
         "resumed_from": last,
         "seconds_per_step_this_session": round(wall / max(1, steps - _step_of(last)), 3),
         "quantization": recipe.model.quantization,
-        "compute_dtype": str(getattr(model.config.quantization_config, "bnb_4bit_compute_dtype", None)
-                             if getattr(model, "is_loaded_in_4bit", False) else None),
+        "compute_dtype": (str(resolve_compute_dtype(recipe.model.bnb_4bit_compute_dtype, device))
+                          if recipe.model.quantization == "4bit" else None),
         "device": device,
         "torch_threads": torch.get_num_threads(),
     }
