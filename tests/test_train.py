@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -201,3 +202,26 @@ def test_two_process_ddp_on_cpu(tmp_path, data_dir, base_model_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train_steps"] == 2 and metrics["train_samples"] == 2 * 4 * 2  # both processes' batches
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and metrics["n_eval"] == 16
+
+
+def test_inference_merges_an_input_embedding_adapter_without_touching_the_tied_lm_head(adapter_run, tmp_path):
+    """SmolLM2 ties its LM head to the input embeddings; an adapter on ``embed_tokens`` trains the
+    lookup only, so the merged model must give the logits of the unmerged adapter it came from."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.config import load_recipe
+    from pipeline.model import load_base_model, load_for_inference, resolve_base_model
+
+    run = tmp_path / "run"
+    shutil.copytree(adapter_run, run)
+    recipe = load_recipe(run / "config.yaml")
+    base = load_base_model(resolve_base_model(recipe.model.base_model), recipe.model, "cpu", quantize=True)
+    base = base.dequantize().float()
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    trained = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False))
+    shutil.rmtree(run / "adapter")
+    trained.save_pretrained(run / "adapter")
+    merged, tokenizer = load_for_inference(run, recipe.model, "cpu", torch.float32)
+    ids = tokenizer(["Bread Rolls ->:"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(merged(**ids).logits, trained.eval()(**ids).logits, atol=1e-3)
