@@ -208,7 +208,6 @@ def load_for_inference(run_dir: str | Path, model_cfg: ModelConfig, device: str,
     dequantized before the merge (1.2 points of accuracy here; results/README.md).
     """
     from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
     adapter = Path(run_dir) / "adapter"
     if not (adapter / "adapter_config.json").is_file():
@@ -221,24 +220,27 @@ def load_for_inference(run_dir: str | Path, model_cfg: ModelConfig, device: str,
         model = load_base_model(path, model_cfg, device, quantize=True).dequantize().to(dtype)
     fit_embeddings(model, tokenizer)
     model = PeftModel.from_pretrained(model, str(adapter))
-    if isinstance(model.get_input_embeddings(), BaseTunerLayer):
-        untie_output_embeddings(model)
+    untie_output_embeddings(model)
     model = model.merge_and_unload()
     model.eval()
     return model, tokenizer
 
 
 def untie_output_embeddings(model) -> None:
-    """Give the LM head its own copy of the input embeddings, if it shares them.
+    """Give the LM head its own copy of the input embeddings, if they carry an adapter and it shares them.
 
     An adapter on the input embeddings (``embed_tokens`` in ``lora.target_modules``) trained a
     change to the token lookup only; merging it into a weight the LM head shares would change
     the output projection too, and the merged model would no longer be the one that was trained.
     """
-    head = model.get_output_embeddings()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     embeddings = model.get_input_embeddings()
-    shared = getattr(embeddings, "base_layer", embeddings).weight
-    if head is not None and head.weight is shared:
+    head = model.get_output_embeddings()
+    if not isinstance(embeddings, BaseTunerLayer) or head is None:
+        return
+    shared = embeddings.base_layer.weight
+    if head.weight is shared:
         head.weight = torch.nn.Parameter(shared.detach().clone(), requires_grad=False)
         for config in (model.config, model.config.get_text_config()):
             config.tie_word_embeddings = False
