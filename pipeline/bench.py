@@ -16,13 +16,15 @@
 ``python -m pipeline.bench errors --run RUN_DIR [--train-samples N]``
     where a finished run's test predictions and the classical baseline's agree and differ (both
     right, only one right, neither), how often products whose names repeat between train and
-    test carry the same department (a ceiling set by the labels themselves), and how well the
-    model fits its own training rows.
+    test carry the same department (a ceiling set by the labels themselves), how many rows of
+    each kind a rare, telling training word decides, and how well the model fits its own
+    training rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import os
@@ -319,6 +321,27 @@ def normalized_name(name: str) -> str:
     return " ".join("".join(c if c.isalpha() else " " for c in name.lower()).split())
 
 
+def telling_words(train: pd.DataFrame, max_names: int = 20, min_purity: float = 0.9) -> dict[str, str]:
+    """Words in at most ``max_names`` training names, at least ``min_purity`` of them in one
+    department, mapped to that department.
+
+    Such a word (a brand, mostly) is per-word memory that a TF-IDF model stores in one weight
+    each and a low-rank adapter has to squeeze through shared matrices; counting the test rows
+    where one names the truth tells how much of the baseline's lead that memory can explain.
+    """
+    departments: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for name, department in zip(train["product_name"], train["department"]):
+        for word in set(normalized_name(name).split()):
+            departments[word][department] += 1
+    telling = {}
+    for word, counts in departments.items():
+        total = sum(counts.values())
+        department, count = counts.most_common(1)[0]
+        if total <= max_names and count >= min_purity * total:
+            telling[word] = department
+    return telling
+
+
 def bench_errors(run: Path, train_samples: int) -> dict[str, Any]:
     from pipeline import baseline, scoring
     from pipeline.config import load_recipe
@@ -341,6 +364,11 @@ def bench_errors(run: Path, train_samples: int) -> dict[str, Any]:
     usual = train_department.agg(lambda d: d.mode().iloc[0])
     keys = predictions["product_name"].map(normalized_name)
     repeated = keys.isin(usual.index).to_numpy()
+    telling = telling_words(train)
+    told_truth = pd.Series([any(telling.get(word) == department for word in key.split())
+                            for key, department in zip(keys, truth)]).to_numpy()
+    cells = {"both_right": model_right & baseline_right, "model_only_right": model_right & ~baseline_right,
+             "baseline_only_right": ~model_right & baseline_right, "neither_right": ~model_right & ~baseline_right}
     result: dict[str, Any] = {
         "benchmark": "errors",
         "run": str(run),
@@ -356,6 +384,10 @@ def bench_errors(run: Path, train_samples: int) -> dict[str, Any]:
             "test_products": int(repeated.sum()),
             "same_department_as_train": share(usual.reindex(keys[repeated]).to_numpy() == truth[repeated]),
             "model_accuracy": share(model_right[repeated]),
+        },
+        "telling_word_names_the_truth": {
+            "rule": "a word in at most 20 training names, at least 90% of them in one department",
+            **{cell: {"rows": int(mask.sum()), "told": int((mask & told_truth).sum())} for cell, mask in cells.items()},
         },
     }
     if train_samples:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
@@ -88,11 +89,16 @@ def test_curve_stops_the_training_once_it_reaches_stop_at(adapter_run, data_dir)
 
 
 def test_errors_benchmark_splits_the_test_rows_between_model_and_baseline(adapter_run, tmp_path):
-    from pipeline.bench import bench_errors, normalized_name
+    from pipeline.bench import bench_errors, normalized_name, telling_words
     from pipeline.config import load_recipe
     from pipeline.evaluate import evaluate
 
     assert normalized_name("Organic Whole Milk, 1 gal") == normalized_name("organic  whole milk gal")
+    train = pd.DataFrame({"product_name": ["Amy's Burrito", "Amy's Pizza", "Amy's Soup", "Whole Milk", "Milk Bread"],
+                          "department": ["frozen", "frozen", "canned goods", "dairy eggs", "bakery"]})
+    assert telling_words(train, max_names=3, min_purity=0.6) == {
+        "amy": "frozen", "s": "frozen", "burrito": "frozen", "pizza": "frozen", "soup": "canned goods",
+        "whole": "dairy eggs", "bread": "bakery"}
     run = tmp_path / "run"
     shutil.copytree(adapter_run, run)
     metrics = evaluate(run, recipe=load_recipe(run / "config.yaml", ["eval.max_samples=40"]), progress=False)
@@ -102,4 +108,6 @@ def test_errors_benchmark_splits_the_test_rows_between_model_and_baseline(adapte
     parts = ("both_right", "model_only_right", "baseline_only_right", "neither_right")
     assert abs(sum(errors[k] for k in parts) - 1) < 1e-3
     assert abs(errors["either_right"] - 1 + errors["neither_right"]) < 1e-3
+    told = errors["telling_word_names_the_truth"]
+    assert sum(told[k]["rows"] for k in parts) == 40 and all(0 <= told[k]["told"] <= told[k]["rows"] for k in parts)
     assert errors["train_fit"]["train_products"] == 16 and 0 <= errors["train_fit"]["model_accuracy"] <= 1

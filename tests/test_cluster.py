@@ -119,57 +119,67 @@ def test_sweep_runs_as_a_job_array_ranks_and_promotes(cluster, tmp_path, data_di
     assert len(labeled_by) == 1 and labeled_by.pop().startswith(f"{best}@")
 
 
+def training_under_way(sweep_dir: Path, steps: int) -> str:
+    """The array task (JOBID_INDEX) of the sweep's first run, once its log shows training past step 5."""
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        logs = list((sweep_dir / "submitit").glob("*_0_log.err")) if (sweep_dir / "submitit").is_dir() else []
+        if logs and re.search(rf"\b([5-9]|1\d)/{steps} ", logs[0].read_text()):
+            return logs[0].name.split("_log")[0].rsplit("_", 1)[0]
+        time.sleep(1)
+    raise AssertionError("training did not start")
+
+
+def assert_resumed_to_the_end(run: Path, steps: int) -> int:
+    """The run trained every step exactly once, across a resume; returns the step it resumed from."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train_steps"] == steps and metrics["resumed_from"] is not None
+    history = json.loads((run / "train_log.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, steps + 1))
+    return int(metrics["resumed_from"].rsplit("-", 1)[1])
+
+
 def test_requeued_task_resumes_from_its_checkpoint(cluster, tmp_path, data_dir, base_model_path):
     sweep_dir = tmp_path / "sweep"
     steps = 30
     driver = sbatch(cluster, f"--output={tmp_path}/driver-%j.out", "slurm/train_sweep.sh",
                     str(tiny_sweep(tmp_path, data_dir, steps=steps, ranks=[4], save_steps=1000)),
                     "--output", str(sweep_dir))
-    deadline = time.time() + 600
-    task_log = None
-    while time.time() < deadline:  # requeue once training is visibly under way
-        logs = list((sweep_dir / "submitit").glob("*_0_log.err")) if (sweep_dir / "submitit").is_dir() else []
-        if logs and re.search(rf"\b([5-9]|1\d)/{steps} ", logs[0].read_text()):
-            task_log = logs[0]
-            break
-        time.sleep(1)
-    assert task_log, "training did not start"
-    array_task = task_log.name.split("_log")[0].rsplit("_", 1)[0]
+    array_task = training_under_way(sweep_dir, steps)
     subprocess.run(["scontrol", "requeue", array_task], env=cluster, check=True)
     assert wait(cluster, driver) == {driver: "COMPLETED"}
 
-    metrics = json.loads((sweep_dir / "runs" / "tiny-000" / "metrics.json").read_text())
-    resumed_at = int(metrics["resumed_from"].rsplit("-", 1)[1])
+    resumed_at = assert_resumed_to_the_end(sweep_dir / "runs" / "tiny-000", steps)
     assert 5 <= resumed_at < steps  # saved on the requeue's SIGTERM, not at a periodic save_steps
-    assert metrics["train_steps"] == steps
-    history = json.loads((sweep_dir / "runs" / "tiny-000" / "train_log.json").read_text())
-    assert [h["step"] for h in history if "loss" in h] == list(range(1, steps + 1))
     attempts = subprocess.run(["sacct", "-n", "-P", "-X", "--duplicates", "-j", array_task, "-o", "State"],
                               capture_output=True, text=True, env=cluster).stdout.split()
     assert "REQUEUED" in attempts and attempts[-1] == "COMPLETED"
 
 
 def test_time_limit_signal_checkpoints_and_requeues(cluster, tmp_path, data_dir, base_model_path):
-    """submitit's USR2 (signal_delay_s before the time limit) -> TrainTask.checkpoint -> RUN_DIR/STOP
-    -> checkpoint and exit -> requeue -> resume, until the configured step count."""
+    """USR2, the signal Slurm sends signal_delay_s before the time limit -> submitit -> TrainTask.checkpoint
+    -> RUN_DIR/STOP -> checkpoint and exit -> requeue -> resume, until the configured step count.
+
+    The test sends the USR2 itself once training is under way, as Slurm's timer would. Waiting for the
+    timer of a 2-minute allocation made the test depend on the machine's speed: on a slow one, the
+    signal (30-60 s after each start) left time for 10-20 steps per allocation, and once training
+    was done it kept landing before the rerun's evaluation ended (8 reruns, 18 minutes, no end)."""
     sweep_dir = tmp_path / "sweep"
-    # About 40 s of each 2-minute allocation go to training once the signal comes 60 s early: 50-60
-    # steps on this machine, so the first signal lands mid-run. A later one may land on the last
-    # step; that job is requeued too and its rerun saves and evaluates without training further.
-    steps = 90
+    steps = 30
     driver = sbatch(cluster, f"--output={tmp_path}/driver-%j.out", "slurm/train_sweep.sh",
                     str(tiny_sweep(tmp_path, data_dir, steps=steps, ranks=[4], save_steps=1000)),
-                    "--output", str(sweep_dir), "--profile-set", "time_min=2", "--profile-set", "signal_delay_s=60")
-    assert wait(cluster, driver, timeout=1200) == {driver: "COMPLETED"}
-    run = sweep_dir / "runs" / "tiny-000"
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["train_steps"] == steps and metrics["resumed_from"] is not None
-    history = json.loads((run / "train_log.json").read_text())
-    assert [h["step"] for h in history if "loss" in h] == list(range(1, steps + 1))
+                    "--output", str(sweep_dir), "--profile-set", "time_min=5", "--profile-set", "signal_delay_s=60")
+    array_task = training_under_way(sweep_dir, steps)
+    submission = next((sweep_dir / "submitit").glob("*_submission.sh")).read_text()
+    assert "#SBATCH --signal=USR2@60" in submission and "#SBATCH --time=5" in submission
+    subprocess.run(["scancel", "--signal=USR2", array_task], env=cluster, check=True)
+    assert wait(cluster, driver) == {driver: "COMPLETED"}
+
+    resumed_at = assert_resumed_to_the_end(sweep_dir / "runs" / "tiny-000", steps)
+    assert 5 <= resumed_at < steps
     log = "".join(p.read_text() for p in (sweep_dir / "submitit").glob("*_0_log.*"))
-    assert "this job is timed-out" in log
-    stopped = re.findall(rf"stopped at step \d+ of {steps} after a checkpoint", log)
-    assert stopped, log[-3000:]
+    assert "this job is timed-out" in log  # submitit's time-limit path, not its preemption one
+    assert f"stopped at step {resumed_at} of {steps} after a checkpoint" in log, log[-3000:]
 
 
 @pytest.fixture()
