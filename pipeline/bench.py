@@ -13,12 +13,12 @@
     peak memory of ``catalog-tuner label`` on synthetic catalogs of growing size (one fresh
     process per size); ``--new-fraction 0.01`` pre-labels the rest, like a nightly
     ``--only-missing`` run.
-``python -m pipeline.bench errors --run RUN_DIR [--train-samples N]``
+``python -m pipeline.bench errors --run RUN_DIR [--train-samples N] [--ensemble]``
     where a finished run's test predictions and the classical baseline's agree and differ (both
     right, only one right, neither), how often products whose names repeat between train and
     test carry the same department (a ceiling set by the labels themselves), how many rows of
-    each kind a rare, telling training word decides, and how well the model fits its own
-    training rows.
+    each kind a rare, telling training word decides, how well the model fits its own
+    training rows, and what the model and the baseline score together.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -342,7 +343,38 @@ def telling_words(train: pd.DataFrame, max_names: int = 20, min_purity: float = 
     return telling
 
 
-def bench_errors(run: Path, train_samples: int) -> dict[str, Any]:
+ENSEMBLE_WEIGHTS = (0.5, 1, 2, 3, 5, 8, 12, 20, 40)
+
+
+def ensemble_cross_fitted(log_probs, decisions, truth, labels: list[str],
+                          weights: tuple[float, ...] = ENSEMBLE_WEIGHTS, seed: int = 0) -> dict[str, Any]:
+    """Predict argmax(model log-probabilities + w * baseline decision values) for every test row, with
+    w chosen on the other random half of the rows (both ways round).
+
+    Choosing w on the rows it is scored on would flatter the ensemble; fitting it on one half and
+    scoring the other is what a weight fitted on held-out data would give.
+    """
+    from pipeline.evaluate import classification_metrics
+
+    rows = np.random.RandomState(seed).permutation(len(truth))
+    halves = (rows[: len(rows) // 2], rows[len(rows) // 2:])
+    names = np.asarray(labels)
+
+    def accuracy(weight: float, part) -> float:
+        return float((names[(log_probs[part] + weight * decisions[part]).argmax(1)] == truth[part]).mean())
+
+    predicted = np.empty(len(truth), dtype=object)
+    chosen = []
+    for fit, held_out in (halves, halves[::-1]):
+        weight = max(weights, key=lambda w: accuracy(w, fit))
+        chosen.append(weight)
+        predicted[held_out] = names[(log_probs[held_out] + weight * decisions[held_out]).argmax(1)]
+    metrics = classification_metrics(list(truth), list(predicted), labels)
+    return {"weights_tried": list(weights), "weights_chosen": chosen,
+            "accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4)}
+
+
+def bench_errors(run: Path, train_samples: int, ensemble: bool = False) -> dict[str, Any]:
     from pipeline import baseline, scoring
     from pipeline.config import load_recipe
     from pipeline.data import read_labels, read_split
@@ -390,12 +422,14 @@ def bench_errors(run: Path, train_samples: int) -> dict[str, Any]:
             **{cell: {"rows": int(mask.sum()), "told": int((mask & told_truth).sum())} for cell, mask in cells.items()},
         },
     }
+    if not (train_samples or ensemble):
+        return result
+    labels = read_labels(run / "labels.json")
+    device = train_device()
+    model, tokenizer = load_for_inference(run, recipe.model, device, resolve_dtype(recipe.eval.dtype, device))
     if train_samples:
         rows = train.head(train_samples)
         names, departments = rows["product_name"].tolist(), rows["department"].to_numpy()
-        labels = read_labels(run / "labels.json")
-        device = train_device()
-        model, tokenizer = load_for_inference(run, recipe.model, device, resolve_dtype(recipe.eval.dtype, device))
         prompts, _ = scoring.encode_prompts(tokenizer, names, recipe.train.max_length)
         predicted = scoring.score(model, tokenizer, prompts, labels, recipe.eval.scorer, recipe.eval.batch_size).labels
         result["train_fit"] = {
@@ -403,6 +437,19 @@ def bench_errors(run: Path, train_samples: int) -> dict[str, Any]:
             "model_accuracy": share(pd.Series(predicted).to_numpy() == departments),
             "baseline_accuracy": share(svm.predict(names) == departments),
         }
+    if ensemble:
+        prompts, _ = scoring.encode_prompts(tokenizer, predictions["product_name"].tolist(), recipe.train.max_length)
+        if scoring.choose_scorer(recipe.eval.scorer, tokenizer, labels) == "first_token":
+            log_probs = scoring.first_token_log_probs(model, tokenizer, prompts, labels, recipe.eval.batch_size)
+        else:
+            log_probs = scoring.label_log_likelihoods(model, tokenizer, prompts, labels,
+                                                      recipe.eval.batch_size).log_softmax(-1)
+        decisions = svm.decision_function(predictions["product_name"].tolist())
+        column = {label: i for i, label in enumerate(svm.classes_)}
+        # a label the baseline never saw in training gets its lowest score
+        decisions = np.stack([decisions[:, column[label]] if label in column else decisions.min(1) - 1
+                              for label in labels], axis=1)
+        result["ensemble"] = ensemble_cross_fitted(log_probs.numpy(), decisions, truth, labels)
     return result
 
 
@@ -439,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     p = commands.add_parser("errors")
     p.add_argument("--run", required=True, help="a run directory that has been evaluated")
     p.add_argument("--train-samples", type=int, default=0, help="also score the first N training products")
+    p.add_argument("--ensemble", action="store_true",
+                   help="also score the model's label log-probabilities plus w x the baseline's decision values")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -454,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
         result = bench_label(Path(args.adapter), Path(args.data), args.products, args.tutorial_products,
                              args.batch_size)
     elif args.command == "errors":
-        result = bench_errors(Path(args.run), args.train_samples)
+        result = bench_errors(Path(args.run), args.train_samples, args.ensemble)
     elif args.command == "label-memory":
         result = bench_label_memory(Path(args.adapter), Path(args.data), args.rows, args.new_fraction)
     else:

@@ -88,26 +88,29 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, names: list[str], max_pro
 
 
 @torch.inference_mode()
-def score_first_token(model, tokenizer, prompts: list[list[int]], labels: list[str], batch_size: int = 64,
-                      progress: bool = True) -> Scores:
+def first_token_log_probs(model, tokenizer, prompts: list[list[int]], labels: list[str], batch_size: int = 64,
+                          progress: bool = True) -> torch.Tensor:
+    """Log-softmax over the labels' first-token logits at each prompt's end: (n_prompts, n_labels)."""
     first_ids = torch.tensor([ids[0] for ids in label_token_ids(tokenizer, labels, eos=False)])
     if len(set(first_ids.tolist())) != len(labels):
         raise ValueError("labels share a first token: use the full scorer")
     device = next(model.parameters()).device
-    predicted: list[str] = [""] * len(prompts)
-    confidence: list[float] = [0.0] * len(prompts)
+    out = torch.empty((len(prompts), len(labels)))
     with tqdm(total=len(prompts), desc="scoring", unit="product", disable=not progress) as bar:
         for batch in _batches([len(p) for p in prompts], batch_size):
             input_ids, attention, positions = _pad_left([prompts[i] for i in batch], tokenizer.pad_token_id, device)
             logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                            logits_to_keep=1, use_cache=False).logits[:, -1, :]
-            probs = logits.float()[:, first_ids.to(device)].softmax(-1).cpu()
-            best = probs.argmax(-1)
-            for row, i in enumerate(batch):
-                predicted[i] = labels[best[row]]
-                confidence[i] = float(probs[row, best[row]])
+            out[batch] = logits.float()[:, first_ids.to(device)].log_softmax(-1).cpu()
             bar.update(len(batch))
-    return Scores(predicted, confidence)
+    return out
+
+
+def score_first_token(model, tokenizer, prompts: list[list[int]], labels: list[str], batch_size: int = 64,
+                      progress: bool = True) -> Scores:
+    probs = first_token_log_probs(model, tokenizer, prompts, labels, batch_size, progress).exp()
+    best = probs.argmax(-1)
+    return Scores([labels[b] for b in best], [float(probs[i, b]) for i, b in enumerate(best)])
 
 
 @torch.inference_mode()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
@@ -102,7 +103,7 @@ def test_errors_benchmark_splits_the_test_rows_between_model_and_baseline(adapte
     run = tmp_path / "run"
     shutil.copytree(adapter_run, run)
     metrics = evaluate(run, recipe=load_recipe(run / "config.yaml", ["eval.max_samples=40"]), progress=False)
-    errors = bench_errors(run, train_samples=16)
+    errors = bench_errors(run, train_samples=16, ensemble=True)
     assert errors["test_products"] == 40 and errors["model_accuracy"] == round(metrics["accuracy"], 4)
     assert errors["baseline_accuracy"] == round(metrics["baseline"]["accuracy"], 4)
     parts = ("both_right", "model_only_right", "baseline_only_right", "neither_right")
@@ -110,4 +111,19 @@ def test_errors_benchmark_splits_the_test_rows_between_model_and_baseline(adapte
     assert abs(errors["either_right"] - 1 + errors["neither_right"]) < 1e-3
     told = errors["telling_word_names_the_truth"]
     assert sum(told[k]["rows"] for k in parts) == 40 and all(0 <= told[k]["told"] <= told[k]["rows"] for k in parts)
+    assert 0 <= errors["ensemble"]["accuracy"] <= 1 and len(errors["ensemble"]["weights_chosen"]) == 2
     assert errors["train_fit"]["train_products"] == 16 and 0 <= errors["train_fit"]["model_accuracy"] <= 1
+
+
+def test_ensemble_weight_is_chosen_on_the_other_half():
+    from pipeline.bench import ensemble_cross_fitted
+
+    # The model prefers the wrong label by 1.9 nats on every row; the baseline the right one by 1:
+    # only weights of 2 and more put the right label first.
+    truth = np.array(["a", "b"] * 10, dtype=object)
+    right = np.array([[1, 0], [0, 1]] * 10)
+    log_probs = np.where(right == 1, -2.0, -0.1)
+    decisions = right.astype(float)
+    result = ensemble_cross_fitted(log_probs, decisions, truth, ["a", "b"], weights=(0.5, 1, 2, 3))
+    assert result["weights_chosen"] == [2, 2] and result["accuracy"] == 1.0
+    assert ensemble_cross_fitted(log_probs, decisions, truth, ["a", "b"], weights=(0.5, 1))["accuracy"] == 0.0
