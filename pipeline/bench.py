@@ -396,9 +396,10 @@ def bench_errors(run: Path, train_samples: int, ensemble: bool = False) -> dict[
     usual = train_department.agg(lambda d: d.mode().iloc[0])
     keys = predictions["product_name"].map(normalized_name)
     repeated = keys.isin(usual.index).to_numpy()
-    telling = telling_words(train)
-    told_truth = pd.Series([any(telling.get(word) == department for word in key.split())
-                            for key, department in zip(keys, truth)]).to_numpy()
+    max_names, min_purity = 20, 0.9
+    telling = telling_words(train, max_names, min_purity)
+    told_truth = np.array([any(telling.get(word) == department for word in key.split())
+                           for key, department in zip(keys, truth)], dtype=bool)
     cells = {"both_right": model_right & baseline_right, "model_only_right": model_right & ~baseline_right,
              "baseline_only_right": ~model_right & baseline_right, "neither_right": ~model_right & ~baseline_right}
     result: dict[str, Any] = {
@@ -407,10 +408,7 @@ def bench_errors(run: Path, train_samples: int, ensemble: bool = False) -> dict[
         "test_products": len(truth),
         "model_accuracy": share(model_right),
         "baseline_accuracy": share(baseline_right),
-        "both_right": share(model_right & baseline_right),
-        "model_only_right": share(model_right & ~baseline_right),
-        "baseline_only_right": share(~model_right & baseline_right),
-        "neither_right": share(~model_right & ~baseline_right),
+        **{cell: share(mask) for cell, mask in cells.items()},
         "either_right": share(model_right | baseline_right),
         "repeated_names": {
             "test_products": int(repeated.sum()),
@@ -418,7 +416,8 @@ def bench_errors(run: Path, train_samples: int, ensemble: bool = False) -> dict[
             "model_accuracy": share(model_right[repeated]),
         },
         "telling_word_names_the_truth": {
-            "rule": "a word in at most 20 training names, at least 90% of them in one department",
+            "rule": f"a word in at most {max_names} training names, "
+                    f"at least {min_purity:.0%} of them in one department",
             **{cell: {"rows": int(mask.sum()), "told": int((mask & told_truth).sum())} for cell, mask in cells.items()},
         },
     }
@@ -439,11 +438,8 @@ def bench_errors(run: Path, train_samples: int, ensemble: bool = False) -> dict[
         }
     if ensemble:
         prompts, _ = scoring.encode_prompts(tokenizer, predictions["product_name"].tolist(), recipe.train.max_length)
-        if scoring.choose_scorer(recipe.eval.scorer, tokenizer, labels) == "first_token":
-            log_probs = scoring.first_token_log_probs(model, tokenizer, prompts, labels, recipe.eval.batch_size)
-        else:
-            log_probs = scoring.label_log_likelihoods(model, tokenizer, prompts, labels,
-                                                      recipe.eval.batch_size).log_softmax(-1)
+        log_probs = scoring.label_log_probs(model, tokenizer, prompts, labels, recipe.eval.scorer,
+                                            recipe.eval.batch_size)
         decisions = svm.decision_function(predictions["product_name"].tolist())
         column = {label: i for i, label in enumerate(svm.classes_)}
         # a label the baseline never saw in training gets its lowest score

@@ -106,11 +106,16 @@ def first_token_log_probs(model, tokenizer, prompts: list[list[int]], labels: li
     return out
 
 
-def score_first_token(model, tokenizer, prompts: list[list[int]], labels: list[str], batch_size: int = 64,
-                      progress: bool = True) -> Scores:
-    probs = first_token_log_probs(model, tokenizer, prompts, labels, batch_size, progress).exp()
+def best_labels(labels: list[str], log_probs: torch.Tensor) -> Scores:
+    """The most probable label of each row of a (n_prompts, n_labels) log-probability matrix."""
+    probs = log_probs.exp()
     best = probs.argmax(-1)
     return Scores([labels[b] for b in best], [float(probs[i, b]) for i, b in enumerate(best)])
+
+
+def score_first_token(model, tokenizer, prompts: list[list[int]], labels: list[str], batch_size: int = 64,
+                      progress: bool = True) -> Scores:
+    return best_labels(labels, first_token_log_probs(model, tokenizer, prompts, labels, batch_size, progress))
 
 
 @torch.inference_mode()
@@ -138,14 +143,6 @@ def label_log_likelihoods(model, tokenizer, prompts: list[list[int]], labels: li
     return out
 
 
-def score_full(model, tokenizer, prompts: list[list[int]], labels: list[str], batch_size: int = 64,
-               progress: bool = True) -> Scores:
-    loglik = label_log_likelihoods(model, tokenizer, prompts, labels, batch_size, progress=progress)
-    probs = loglik.softmax(-1)
-    best = probs.argmax(-1)
-    return Scores([labels[b] for b in best], [float(probs[i, b]) for i, b in enumerate(best)])
-
-
 def choose_scorer(name: str, tokenizer, labels: list[str]) -> str:
     if name == "auto":
         return "first_token" if first_tokens_distinct(tokenizer, labels) else "full"
@@ -154,9 +151,15 @@ def choose_scorer(name: str, tokenizer, labels: list[str]) -> str:
     return name
 
 
+def label_log_probs(model, tokenizer, prompts: list[list[int]], labels: list[str], scorer: str = "auto",
+                    batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+    """Log-probabilities over the label set, (n_prompts, n_labels), with the chosen scorer."""
+    if choose_scorer(scorer, tokenizer, labels) == "first_token":
+        return first_token_log_probs(model, tokenizer, prompts, labels, batch_size, progress)
+    return label_log_likelihoods(model, tokenizer, prompts, labels, batch_size, progress=progress).log_softmax(-1)
+
+
 def score(model, tokenizer, prompts: list[list[int]], labels: list[str], scorer: str = "auto",
           batch_size: int = 64, progress: bool = True) -> Scores:
     """Predict one label per prompt with the chosen scorer."""
-    if choose_scorer(scorer, tokenizer, labels) == "first_token":
-        return score_first_token(model, tokenizer, prompts, labels, batch_size, progress)
-    return score_full(model, tokenizer, prompts, labels, batch_size, progress)
+    return best_labels(labels, label_log_probs(model, tokenizer, prompts, labels, scorer, batch_size, progress))
