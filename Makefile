@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install slurm demo test clean
+.PHONY: install slurm demo test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ slurm:
 test: install slurm
 	$(BIN)/ruff check pipeline tests
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but real training (marker slow) and the Slurm cluster (marker cluster).
+test-fast: install
+	$(BIN)/ruff check pipeline tests
+	$(BIN)/python -m pytest -q -m "not slow and not cluster"
 
 clean:
 	rm -rf $(VENV) .cache data runs

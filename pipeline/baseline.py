@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import FeatureUnion, Pipeline
@@ -86,3 +87,15 @@ def fitted(train_path: Path, train: pd.DataFrame) -> dict[str, Any]:
     except OSError as exc:  # a read-only data folder: fit again next time
         log.warning("cannot cache the baseline in %s: %s", cache, exc)
     return result
+
+
+def decision_matrix(model: Pipeline, names: list[str], labels: list[str]) -> np.ndarray:
+    """The SVM's decision values for ``names`` as a (names, labels) matrix in ``labels``' order.
+
+    A label the baseline never saw in training gets each row's lowest score minus one, so that
+    adding these values to a model's log-probabilities never favours it.
+    """
+    decisions = model.decision_function(names)
+    column = {label: i for i, label in enumerate(model.classes_)}
+    floor = decisions.min(1) - 1
+    return np.stack([decisions[:, column[label]] if label in column else floor for label in labels], axis=1)

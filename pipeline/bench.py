@@ -13,18 +13,15 @@
     peak memory of ``catalog-tuner label`` on synthetic catalogs of growing size (one fresh
     process per size); ``--new-fraction 0.01`` pre-labels the rest, like a nightly
     ``--only-missing`` run.
-``python -m pipeline.bench errors --run RUN_DIR [--train-samples N] [--ensemble]``
-    where a finished run's test predictions and the classical baseline's agree and differ (both
-    right, only one right, neither), how often products whose names repeat between train and
-    test carry the same department (a ceiling set by the labels themselves), how many rows of
-    each kind a rare, telling training word decides, how well the model fits its own
-    training rows, and what the model and the baseline score together.
+
+Every result records the command that made it (``command``), the resolved recipe it measured
+(``config``) and the machine (``machine``: CPU model and flags, threads, matmul peaks measured in
+the same process). Error analysis lives in ``pipeline.analysis``.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import logging
 import os
@@ -36,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,28 +42,53 @@ from transformers import TrainerCallback
 log = logging.getLogger(__name__)
 
 
-def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeat: int = 5) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up
+def matmul_peak_gflops(dtype: torch.dtype, max_size: int = 2048, budget_s: float = 1.0) -> float:
+    """GFLOP/s of square matmuls in ``dtype``, the largest size up to ``max_size`` that fits the budget.
+
+    Fixed 2048-wide products took minutes where bf16 is emulated (0.3 GFLOP/s on an AVX2-only CPU):
+    the size doubles only while one product stays well inside the budget.
+    """
+    size, seconds = 256, 0.0
+    while True:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        start = time.perf_counter()
+        a @ b  # also the warm-up
+        seconds = time.perf_counter() - start
+        if size >= max_size or seconds * 8 > budget_s / 4:  # the next size costs 8x
+            break
+        size *= 2
+    repeat = max(1, min(5, int(budget_s / max(seconds, 1e-9))))
     start = time.perf_counter()
     for _ in range(repeat):
         a @ b
     return 2 * size**3 * repeat / (time.perf_counter() - start) / 1e9
 
 
-def machine(device: str | None) -> dict[str, Any]:
+RELEVANT_CPU_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni",
+                      "avx2")
+
+
+def machine(device: str | None = None) -> dict[str, Any]:
     """What a throughput figure depends on: results from different machines are not comparable
     (one dev machine had AMX, bf16 matmuls at 5.9x fp32's rate; another had neither AMX nor
     AVX512-BF16, bf16 at a third to half of fp32's)."""
-    from pipeline.model import cpu_has_native_bf16
+    from pipeline.model import cpu_flags, cpu_has_native_bf16
 
     cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
+    flags = cpu_flags()
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "device": device, "cpu": cpu_model, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_native_bf16": cpu_has_native_bf16(),
+            "cpu_flags": [f for f in RELEVANT_CPU_FLAGS if f in flags], "cpu_native_bf16": cpu_has_native_bf16(flags),
             "matmul_peak_gflops": {"fp32": round(matmul_peak_gflops(torch.float32), 1),
                                    "bf16": round(matmul_peak_gflops(torch.bfloat16), 1)}}
+
+
+def command_line() -> str:
+    """The command that is running, as a user would retype it."""
+    module = Path(sys.argv[0]).parent.name + "." + Path(sys.argv[0]).stem if sys.argv[0].endswith(".py") else None
+    program = f"python -m {module}" if module in ("pipeline.bench", "pipeline.analysis") else sys.argv[0]
+    return " ".join([program, *sys.argv[1:]])
 
 
 def parse_generation(text: str, prompt: str, labels: list[str]) -> str | None:
@@ -89,49 +110,50 @@ def forward_flops(model, prompts: list[list[int]], batch_size: int) -> tuple[flo
 
 
 def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: int) -> dict[str, Any]:
+    """The tutorial's free generation against the predictor on the same products, one process."""
     import transformers
 
     from pipeline import scoring
-    from pipeline.label import Labeler
+    from pipeline.predict import Predictor
 
     test = pd.read_parquet(data / "test.parquet").head(n)
     names, truth = test["product_name"].tolist(), test["department"].tolist()
     peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
 
-    labeler = Labeler(adapter, batch_size=batch_size)
-    labeler.predict(names[:batch_size])  # warm-up
+    predictor = Predictor.from_run(adapter, batch_size=batch_size)
+    predictor.predict(names[:batch_size])  # warm-up
     start = time.perf_counter()
-    predicted, _, _ = labeler.predict(names)
+    predicted = predictor.predict(names).labels
     labeler_s = time.perf_counter() - start
-    prompts, _ = scoring.encode_prompts(labeler.tokenizer, names, labeler.max_prompt_tokens)
-    flops, tokens = forward_flops(labeler.model, prompts, batch_size)
+    prompts, _ = scoring.encode_prompts(predictor.tokenizer, names, predictor.max_prompt_tokens)
+    flops, tokens = forward_flops(predictor.model, prompts, batch_size)
 
-    generator = transformers.pipeline("text-generation", model=labeler.model, tokenizer=labeler.tokenizer)
+    generator = transformers.pipeline("text-generation", model=predictor.model, tokenizer=predictor.tokenizer)
     torch.manual_seed(0)
     answers = []
     start = time.perf_counter()
     for name in names[:tutorial_n]:
         prompt = name + " ->:"
         out = generator(prompt, do_sample=True, top_k=10, max_length=100, num_return_sequences=1,
-                        eos_token_id=labeler.tokenizer.eos_token_id)
-        answers.append(parse_generation(out[0]["generated_text"], prompt, labeler.labels))
+                        eos_token_id=predictor.tokenizer.eos_token_id)
+        answers.append(parse_generation(out[0]["generated_text"], prompt, predictor.labels))
     tutorial_s = time.perf_counter() - start
 
     def accuracy(pred: list[str | None], k: int) -> float:
         return sum(p == t for p, t in zip(pred, truth[:k])) / k
 
-    labeler_rate, tutorial_rate = n / labeler_s, tutorial_n / tutorial_s
+    labeler_rate, tutorial_rate = n / labeler_s, tutorial_n / max(tutorial_s, 1e-9)
     return {
-        "adapter": str(adapter), "products": n, "torch_threads": torch.get_num_threads(),
+        "benchmark": "label", "command": command_line(), "adapter": str(adapter),
+        "config": predictor.recipe.to_dict(), "machine": machine(predictor.device), "products": n,
         "tutorial_generation": {"products": tutorial_n, "seconds": round(tutorial_s, 1),
                                 "products_per_s": round(tutorial_rate, 2),
-                                "accuracy": round(accuracy(answers, tutorial_n), 4),
+                                "accuracy": round(accuracy(answers, tutorial_n), 4) if tutorial_n else None,
                                 "unparseable": sum(a is None for a in answers)},
         "labeler": {"seconds": round(labeler_s, 2), "products_per_s": round(labeler_rate, 1),
-                    "accuracy": round(accuracy(predicted, n), 4), "scorer": labeler.scorer,
-                    "dtype": str(next(labeler.model.parameters()).dtype), "batch_size": batch_size,
+                    "accuracy": round(accuracy(predicted, n), 4), **predictor.describe(),
                     "prompt_tokens": tokens, "achieved_gflops": round(flops / labeler_s / 1e9, 1)},
-        "speedup": round(labeler_rate / tutorial_rate, 1),
+        "speedup": round(labeler_rate / tutorial_rate, 1) if tutorial_n else None,
         "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()},
         "labeler_fraction_of_fp32_peak": round(flops / labeler_s / 1e9 / peak["fp32"], 3),
     }
@@ -176,6 +198,7 @@ def bench_label_memory_one(adapter: Path, catalog: Path, out: Path, only_missing
 
 def bench_label_memory(adapter: Path, data: Path, sizes: list[int], new_fraction: float) -> dict[str, Any]:
     from pipeline.label import adapter_identity
+    from pipeline.predict import run_recipe
 
     labeled_by, _ = adapter_identity(adapter)
     results = []
@@ -192,7 +215,9 @@ def bench_label_memory(adapter: Path, data: Path, sizes: list[int], new_fraction
             result["rows_labeled"] = round(rows * new_fraction) if new_fraction < 1 else rows
             results.append(result)
             catalog.unlink()
-    return {"adapter": str(adapter), "new_fraction": new_fraction, "runs": results}
+    return {"benchmark": "label-memory", "command": command_line(), "adapter": str(adapter),
+            "config": run_recipe(adapter).to_dict(), "machine": machine(), "new_fraction": new_fraction,
+            "runs": results}
 
 
 class AccuracyCurve(TrainerCallback):
@@ -207,7 +232,6 @@ class AccuracyCurve(TrainerCallback):
         self.every, self.budget_s, self.batch_size, self.stop_at = every, budget_s, batch_size, stop_at
         self.step_seconds: list[float] = []
         self.points: list[dict[str, Any]] = []
-        self.prompts: list[list[int]] | None = None
 
     @property
     def train_seconds(self) -> float:
@@ -217,12 +241,12 @@ class AccuracyCurve(TrainerCallback):
         self.step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        from pipeline.train import examples_per_step
+
         self.step_seconds.append(time.perf_counter() - self.step_start)
         last = state.global_step >= state.max_steps or (self.budget_s and self.train_seconds >= self.budget_s)
         if self.every and (state.global_step % self.every == 0 or last):
-            self.points.append({"step": state.global_step,
-                                "examples": state.global_step * args.per_device_train_batch_size
-                                * args.gradient_accumulation_steps * args.world_size,
+            self.points.append({"step": state.global_step, "examples": state.global_step * examples_per_step(args),
                                 "train_seconds": round(self.train_seconds, 1),
                                 **self.score(model, processing_class)})
             log.info("bench: %s", self.points[-1])
@@ -233,26 +257,13 @@ class AccuracyCurve(TrainerCallback):
         return control
 
     def score(self, model, tokenizer) -> dict[str, Any]:
-        from bitsandbytes.nn import Linear4bit
-
         from pipeline import scoring
         from pipeline.evaluate import classification_metrics
+        from pipeline.model import scoring_mode
 
-        if self.prompts is None:
-            self.prompts, _ = scoring.encode_prompts(tokenizer, self.names)
         start = time.perf_counter()
-        model.eval()  # LoRA dropout off...
-        for module in model.modules():
-            # ...but bitsandbytes' 4-bit layers stay in training mode: in eval mode on CPU they repack
-            # their weights in place for an inference kernel, and training on afterwards went wrong
-            # (zero gradients, then the loss diverged: seen with the tutorial recipe).
-            if isinstance(module, Linear4bit):
-                module.train()
-        try:
-            predicted = scoring.score(model, tokenizer, self.prompts, self.labels, "auto", self.batch_size,
-                                      progress=False).labels
-        finally:
-            model.train()
+        with scoring_mode(model):
+            predicted = scoring.predict(model, tokenizer, self.names, self.labels, batch_size=self.batch_size).labels
         metrics = classification_metrics(self.truth, predicted, self.labels)
         return {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
                 "eval_seconds": round(time.perf_counter() - start, 1)}
@@ -282,8 +293,7 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
     started = time.time()
     metrics = train(recipe, run, evaluate_after=final_eval, callbacks=[curve])
 
-    t = recipe.train
-    examples_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    examples_per_step = metrics["examples_per_step"]
     timed = curve.step_seconds[2:] or curve.step_seconds  # the first steps warm up allocators and caches
     seconds_per_step = float(pd.Series(timed).median())
     history = json.loads((run / "train_log.json").read_text())
@@ -291,7 +301,7 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
     final_keys = ("accuracy", "macro_f1", "n_eval", "baseline", "majority_class", "per_label")
     return {
         "benchmark": "train",
-        "command": "python -m pipeline.bench train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else None,
+        "command": command_line(),
         "recipe": config,
         "overrides": overrides,
         "config": recipe.to_dict(),
@@ -314,139 +324,6 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
         "time_to_accuracy": {str(a): first_reaching(curve.points, a) for a in thresholds},
         "final": {k: metrics[k] for k in final_keys if k in metrics},
     }
-
-
-def normalized_name(name: str) -> str:
-    """Lower-case letters and single spaces: "Organic Whole Milk, 1 gal" and "organic whole milk gal"
-    are one product name for the repeated-names count."""
-    return " ".join("".join(c if c.isalpha() else " " for c in name.lower()).split())
-
-
-def telling_words(train: pd.DataFrame, max_names: int = 20, min_purity: float = 0.9) -> dict[str, str]:
-    """Words in at most ``max_names`` training names, at least ``min_purity`` of them in one
-    department, mapped to that department.
-
-    Such a word (a brand, mostly) is per-word memory that a TF-IDF model stores in one weight
-    each and a low-rank adapter has to squeeze through shared matrices; counting the test rows
-    where one names the truth tells how much of the baseline's lead that memory can explain.
-    """
-    departments: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for name, department in zip(train["product_name"], train["department"]):
-        for word in set(normalized_name(name).split()):
-            departments[word][department] += 1
-    telling = {}
-    for word, counts in departments.items():
-        total = sum(counts.values())
-        department, count = counts.most_common(1)[0]
-        if total <= max_names and count >= min_purity * total:
-            telling[word] = department
-    return telling
-
-
-ENSEMBLE_WEIGHTS = (0.5, 1, 2, 3, 5, 8, 12, 20, 40)
-
-
-def ensemble_cross_fitted(log_probs, decisions, truth, labels: list[str],
-                          weights: tuple[float, ...] = ENSEMBLE_WEIGHTS, seed: int = 0) -> dict[str, Any]:
-    """Predict argmax(model log-probabilities + w * baseline decision values) for every test row, with
-    w chosen on the other random half of the rows (both ways round).
-
-    Choosing w on the rows it is scored on would flatter the ensemble; fitting it on one half and
-    scoring the other is what a weight fitted on held-out data would give.
-    """
-    from pipeline.evaluate import classification_metrics
-
-    rows = np.random.RandomState(seed).permutation(len(truth))
-    halves = (rows[: len(rows) // 2], rows[len(rows) // 2:])
-    names = np.asarray(labels)
-
-    def accuracy(weight: float, part) -> float:
-        return float((names[(log_probs[part] + weight * decisions[part]).argmax(1)] == truth[part]).mean())
-
-    predicted = np.empty(len(truth), dtype=object)
-    chosen = []
-    for fit, held_out in (halves, halves[::-1]):
-        weight = max(weights, key=lambda w: accuracy(w, fit))
-        chosen.append(weight)
-        predicted[held_out] = names[(log_probs[held_out] + weight * decisions[held_out]).argmax(1)]
-    metrics = classification_metrics(list(truth), list(predicted), labels)
-    return {"weights_tried": list(weights), "weights_chosen": chosen,
-            "accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4)}
-
-
-def bench_errors(run: Path, train_samples: int, ensemble: bool = False) -> dict[str, Any]:
-    from pipeline import baseline, scoring
-    from pipeline.config import load_recipe
-    from pipeline.data import read_labels, read_split
-    from pipeline.model import load_for_inference, resolve_dtype, train_device
-
-    recipe = load_recipe(run / "config.yaml")
-    predictions = pd.read_parquet(run / "eval_predictions.parquet")
-    data_dir = Path(recipe.data.dir)
-    train = read_split(data_dir / "train.parquet")
-    svm = baseline.fitted(data_dir / "train.parquet", train)["model"]
-    truth = predictions["department"].to_numpy()
-    model_right = predictions["predicted"].to_numpy() == truth
-    baseline_right = svm.predict(predictions["product_name"].tolist()) == truth
-
-    def share(mask) -> float | None:
-        return round(float(mask.mean()), 4) if mask.size else None
-
-    train_department = train.assign(key=train["product_name"].map(normalized_name)).groupby("key")["department"]
-    usual = train_department.agg(lambda d: d.mode().iloc[0])
-    keys = predictions["product_name"].map(normalized_name)
-    repeated = keys.isin(usual.index).to_numpy()
-    max_names, min_purity = 20, 0.9
-    telling = telling_words(train, max_names, min_purity)
-    told_truth = np.array([any(telling.get(word) == department for word in key.split())
-                           for key, department in zip(keys, truth)], dtype=bool)
-    cells = {"both_right": model_right & baseline_right, "model_only_right": model_right & ~baseline_right,
-             "baseline_only_right": ~model_right & baseline_right, "neither_right": ~model_right & ~baseline_right}
-    result: dict[str, Any] = {
-        "benchmark": "errors",
-        "run": str(run),
-        "test_products": len(truth),
-        "model_accuracy": share(model_right),
-        "baseline_accuracy": share(baseline_right),
-        **{cell: share(mask) for cell, mask in cells.items()},
-        "either_right": share(model_right | baseline_right),
-        "repeated_names": {
-            "test_products": int(repeated.sum()),
-            "same_department_as_train": share(usual.reindex(keys[repeated]).to_numpy() == truth[repeated]),
-            "model_accuracy": share(model_right[repeated]),
-        },
-        "telling_word_names_the_truth": {
-            "rule": f"a word in at most {max_names} training names, "
-                    f"at least {min_purity:.0%} of them in one department",
-            **{cell: {"rows": int(mask.sum()), "told": int((mask & told_truth).sum())} for cell, mask in cells.items()},
-        },
-    }
-    if not (train_samples or ensemble):
-        return result
-    labels = read_labels(run / "labels.json")
-    device = train_device()
-    model, tokenizer = load_for_inference(run, recipe.model, device, resolve_dtype(recipe.eval.dtype, device))
-    if train_samples:
-        rows = train.head(train_samples)
-        names, departments = rows["product_name"].tolist(), rows["department"].to_numpy()
-        prompts, _ = scoring.encode_prompts(tokenizer, names, recipe.train.max_length)
-        predicted = scoring.score(model, tokenizer, prompts, labels, recipe.eval.scorer, recipe.eval.batch_size).labels
-        result["train_fit"] = {
-            "train_products": len(rows),
-            "model_accuracy": share(pd.Series(predicted).to_numpy() == departments),
-            "baseline_accuracy": share(svm.predict(names) == departments),
-        }
-    if ensemble:
-        prompts, _ = scoring.encode_prompts(tokenizer, predictions["product_name"].tolist(), recipe.train.max_length)
-        log_probs = scoring.label_log_probs(model, tokenizer, prompts, labels, recipe.eval.scorer,
-                                            recipe.eval.batch_size)
-        decisions = svm.decision_function(predictions["product_name"].tolist())
-        column = {label: i for i, label in enumerate(svm.classes_)}
-        # a label the baseline never saw in training gets its lowest score
-        decisions = np.stack([decisions[:, column[label]] if label in column else decisions.min(1) - 1
-                              for label in labels], axis=1)
-        result["ensemble"] = ensemble_cross_fitted(log_probs.numpy(), decisions, truth, labels)
-    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -479,11 +356,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--catalog", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--only-missing", action="store_true")
-    p = commands.add_parser("errors")
-    p.add_argument("--run", required=True, help="a run directory that has been evaluated")
-    p.add_argument("--train-samples", type=int, default=0, help="also score the first N training products")
-    p.add_argument("--ensemble", action="store_true",
-                   help="also score the model's label log-probabilities plus w x the baseline's decision values")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -498,8 +370,6 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "label":
         result = bench_label(Path(args.adapter), Path(args.data), args.products, args.tutorial_products,
                              args.batch_size)
-    elif args.command == "errors":
-        result = bench_errors(Path(args.run), args.train_samples, args.ensemble)
     elif args.command == "label-memory":
         result = bench_label_memory(Path(args.adapter), Path(args.data), args.rows, args.new_fraction)
     else:

@@ -1,7 +1,9 @@
 """``catalog-tuner <command>``: prepare, train, evaluate, sweep, label.
 
 Exit code 0 on success; on a user error (bad config, bad data, missing run) a one-line reason
-on stderr and exit code 2.
+on stderr and exit code 2; 75 when a training checkpointed and stopped on request; 1 when some
+files failed to label. Each command imports its stage when it runs: ``--help`` and the sweep
+driver (a 1-CPU job) never load torch.
 """
 
 from __future__ import annotations
@@ -12,13 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, DataConfig, load_recipe
-from pipeline.data import DataError
-from pipeline.errors import TrainingInterrupted
-from pipeline.label import LabelError
-from pipeline.model import ModelError
-
-USER_ERRORS = (ConfigError, DataError, LabelError, ModelError, FileNotFoundError, ValueError)
+from pipeline.config import DataConfig, load_recipe
+from pipeline.errors import EXIT_SOME_FAILED, EXIT_USER_ERROR, TrainingInterrupted, UserError
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -49,12 +46,10 @@ def _train(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from pipeline.evaluate import evaluate, format_per_label, format_table
+    from pipeline.predict import run_recipe
 
-    run = Path(args.run)
-    if not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run}: not a run directory (no config.yaml)")
-    recipe = load_recipe(run / "config.yaml", args.overrides)
-    metrics = evaluate(run, args.data, recipe)
+    recipe = run_recipe(args.run, args.overrides)
+    metrics = evaluate(args.run, args.data, recipe)
     print(format_per_label(metrics), format_table(metrics), sep="\n\n")
 
 
@@ -70,7 +65,7 @@ def _sweep(args: argparse.Namespace) -> int:
     failed = [r["run"] for r in result["ranked"] if r["status"] != "ok"]
     if failed:
         print(f"catalog-tuner sweep: error: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-    return 1 if not promoted else 0
+    return EXIT_SOME_FAILED if not promoted else 0
 
 
 def _label(args: argparse.Namespace) -> int:
@@ -85,7 +80,7 @@ def _label(args: argparse.Namespace) -> int:
     if failed:
         print(f"catalog-tuner label: error: {len(failed)} file(s) failed, first: {failed[0].unit.source}: "
               f"{failed[0].message}", file=sys.stderr)
-        return 1
+        return EXIT_SOME_FAILED
     return 0
 
 
@@ -156,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"catalog-tuner {args.command}: interrupted: {exc}", file=sys.stderr)
         return TrainingInterrupted.exit_code
-    except USER_ERRORS as exc:
+    except UserError as exc:
         if args.verbose:
             raise
         print(f"catalog-tuner {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     return code or 0
 
 

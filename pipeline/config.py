@@ -9,6 +9,7 @@ silently ignored, because a typo in a sweep would otherwise train the default re
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,9 +18,11 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A recipe file or override is invalid; the message names the file and key."""
+CHECKOUT = Path(os.environ.get("CATALOG_TUNER_HOME") or Path(__file__).resolve().parents[1])
+"""Where ``jobs/`` and ``slurm/`` live: the checkout the package is installed from (editable), or
+``$CATALOG_TUNER_HOME`` (the container sets it to its copy)."""
 
 
 @dataclass
@@ -267,21 +270,46 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def shipped_file(name: str | Path, folder: str = "", what: str = "file") -> Path:
+    """``name`` as given (absolute, or relative to the working directory), else the file the
+    checkout ships: ``jobs/clusters/dev.yaml`` and, with ``folder="jobs/accelerate"``, ``cpu`` or
+    ``cpu.yaml`` resolve the same from any working directory (a Slurm job starts in whatever
+    folder it was submitted from)."""
+    path = Path(name)
+    candidates = [path, CHECKOUT / path]
+    if folder:
+        candidates += [CHECKOUT / folder / path, CHECKOUT / folder / f"{path}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"{name}: {what} not found (looked in {', '.join(dict.fromkeys(map(str, candidates)))})")
+
+
+def read_yaml(path: str | Path, what: str) -> tuple[Path, dict[str, Any]]:
+    """The one YAML reader for recipes, cluster profiles and sweeps: (resolved path, mapping).
+
+    A missing file, invalid YAML or a top-level value that is not a mapping is a
+    :class:`ConfigError` naming the file, never a traceback.
+    """
+    resolved = shipped_file(path, what=what)
+    try:
+        values = yaml.safe_load(resolved.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if values is None:
+        return resolved, {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(values).__name__}")
+    return resolved, values
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
     """Load a recipe YAML (defaults if ``path`` is None) and apply overrides."""
     values: dict[str, Any] = {}
     where = "recipe"
     if path is not None:
-        path = Path(path)
         where = str(path)
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: recipe file not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        _, values = read_yaml(path, "recipe file")
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         values = merge(values, extra)
@@ -293,11 +321,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str,
 
 def load_profile(path: str | Path, overrides: list[str] | None = None) -> ClusterProfile:
     """Load a cluster profile YAML; overrides are ``key=value`` without a section."""
-    path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: cluster profile not found") from None
+    _, values = read_yaml(path, "cluster profile")
     if overrides:
         values = merge(values, parse_overrides(overrides))
     try:

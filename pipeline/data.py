@@ -23,14 +23,11 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from pipeline.config import DataConfig
+from pipeline.errors import DataError
 
 MISSING_DEPARTMENT = "missing"
 PROMPT_SUFFIX = " ->:"
 COLUMNS = ["product_id", "product_name", "aisle_id", "department_id", "department"]
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and the column or rows."""
 
 
 # --- prompt format -------------------------------------------------------------------------

@@ -17,10 +17,10 @@ from typing import Any
 import pandas as pd
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-from pipeline import baseline, scoring
-from pipeline.config import Recipe, load_recipe
+from pipeline import baseline
+from pipeline.config import Recipe
 from pipeline.data import read_labels, read_split
-from pipeline.model import load_for_inference, resolve_dtype, train_device
+from pipeline.predict import Predictor, run_recipe
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: R
              progress: bool = True) -> dict[str, Any]:
     """Score a split with the run's adapter and merge the results into RUN_DIR/metrics.json."""
     run = Path(run_dir)
-    recipe = recipe or load_recipe(run / "config.yaml")
+    recipe = recipe or run_recipe(run)
     labels = read_labels(run / "labels.json")
     data_path = Path(data_path) if data_path else Path(recipe.data.dir) / "test.parquet"
     test = read_split(data_path, labels)
@@ -120,28 +120,24 @@ def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: R
     train = read_split(train_path) if train_path.is_file() else None
     train_departments = train["department"] if train is not None else test["department"]
 
-    device = train_device()
-    model, tokenizer = load_for_inference(run, recipe.model, device, resolve_dtype(recipe.eval.dtype, device))
-    scorer = scoring.choose_scorer(recipe.eval.scorer, tokenizer, labels)
-    prompts, _ = scoring.encode_prompts(tokenizer, test["product_name"].tolist(), recipe.train.max_length)
-
+    predictor = Predictor.from_run(run, recipe)
     start = time.perf_counter()
-    scores = scoring.score(model, tokenizer, prompts, labels, scorer, recipe.eval.batch_size, progress)
+    prediction = predictor.predict(test["product_name"].tolist(), progress)
     seconds = time.perf_counter() - start
 
     truth = test["department"].tolist()
-    metrics = classification_metrics(truth, scores.labels, labels)
+    metrics = classification_metrics(truth, prediction.labels, labels)
     metrics.update(
         eval_data=str(data_path),
-        scorer=scorer,
+        scorer=predictor.scorer,
         eval_runtime_s=round(seconds, 2),
         eval_products_per_s=round(len(truth) / seconds, 1),
         majority_class=majority_baseline(train_departments, truth, labels),
     )
     if recipe.eval.baseline and train is not None:
         metrics["baseline"] = baseline_metrics(train_path, train, test, labels)
-    plot_confusion(truth, scores.labels, labels, run / "confusion_matrix.png")
-    test.assign(predicted=scores.labels, confidence=scores.confidence).to_parquet(
+    plot_confusion(truth, prediction.labels, labels, run / "confusion_matrix.png")
+    test.assign(predicted=prediction.labels, confidence=prediction.confidences).to_parquet(
         run / "eval_predictions.parquet", index=False
     )
 

@@ -37,19 +37,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipeline import scoring
-from pipeline.config import load_recipe
-from pipeline.data import read_labels
-from pipeline.model import load_for_inference, resolve_dtype, train_device
+from pipeline.errors import LabelError
+from pipeline.predict import Predictor
+from pipeline.scoring import Prediction
 
 log = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = ["department", "department_confidence", "label_status", "labeled_by", "labeled_at"]
 MANIFEST_DIR = "_manifest"
-
-
-class LabelError(ValueError):
-    """A whole labeling job cannot start (bad adapter, bad arguments)."""
 
 
 class InputError(ValueError):
@@ -219,43 +214,25 @@ def remove_stale_temporaries(final: Path) -> None:
 
 @dataclass
 class Labeler:
-    """A loaded adapter ready to label record batches."""
+    """A run's predictor plus the provenance every labeled row and manifest carries."""
 
     run_dir: Path
     batch_size: int = 64
     labeled_by: str = field(init=False)
     adapter_sha256: str = field(init=False)
+    predictor: Predictor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.labeled_by, self.adapter_sha256 = adapter_identity(self.run_dir)
-        self.recipe = load_recipe(self.run_dir / "config.yaml")
-        self.labels = read_labels(self.run_dir / "labels.json")
-        device = train_device()
-        self.model, self.tokenizer = load_for_inference(
-            self.run_dir, self.recipe.model, device, resolve_dtype(self.recipe.eval.dtype, device))
-        self.scorer = scoring.choose_scorer(self.recipe.eval.scorer, self.tokenizer, self.labels)
-        self.max_prompt_tokens = self.recipe.train.max_length
+        self.labeled_by, self.adapter_sha256 = adapter_identity(self.run_dir)  # fails fast, before loading
+        self.predictor = Predictor.from_run(self.run_dir, batch_size=self.batch_size)
 
     def provenance(self) -> dict[str, Any]:
         return {"labeled_by": self.labeled_by, "adapter_sha256": self.adapter_sha256,
-                "adapter": str(self.run_dir.resolve()), "base_model": self.recipe.model.base_model,
-                "labels": self.labels, "scorer": self.scorer, "code_version": code_version()}
+                "adapter": str(self.run_dir.resolve()), "labels": self.predictor.labels,
+                **self.predictor.describe(), "code_version": code_version()}
 
-    def predict(self, names: list[str | None]) -> tuple[list[str | None], list[float | None], list[str]]:
-        """Labels, confidences and statuses for raw names; empty names get no label."""
-        usable = [i for i, n in enumerate(names) if n is not None and n.strip()]
-        departments: list[str | None] = [None] * len(names)
-        confidence: list[float | None] = [None] * len(names)
-        status = ["empty_name"] * len(names)
-        if usable:
-            prompts, truncated = scoring.encode_prompts(self.tokenizer, [names[i] for i in usable],
-                                                        self.max_prompt_tokens)
-            scores = scoring.score(self.model, self.tokenizer, prompts, self.labels, self.scorer,
-                                   self.batch_size, progress=False)
-            for k, i in enumerate(usable):
-                departments[i], confidence[i] = scores.labels[k], scores.confidence[k]
-                status[i] = "truncated" if truncated[k] else "ok"
-        return departments, confidence, status
+    def predict(self, names: list[str | None]) -> Prediction:
+        return self.predictor.predict(names)
 
 
 def _check_text_column(schema: pa.Schema, column: str) -> None:
@@ -283,15 +260,16 @@ def label_batch(labeler: Labeler, batch: pa.RecordBatch, text_column: str, only_
     names = batch.column(text_column).to_pylist()
     todo = _needs_label(batch, labeler.labeled_by) if only_missing else [True] * batch.num_rows
     rows = [i for i, t in enumerate(todo) if t]
-    departments, confidence, status = labeler.predict([names[i] for i in rows])
+    prediction = labeler.predict([names[i] for i in rows])
 
     def previous(column: str) -> list[Any]:
         return batch.column(column).to_pylist() if column in batch.schema.names else [None] * batch.num_rows
 
     new = {c: previous(c) for c in OUTPUT_COLUMNS}
     for k, i in enumerate(rows):
-        new["department"][i], new["department_confidence"][i] = departments[k], confidence[k]
-        new["label_status"][i], new["labeled_by"][i], new["labeled_at"][i] = status[k], labeler.labeled_by, labeled_at
+        new["department"][i], new["department_confidence"][i] = prediction.labels[k], prediction.confidences[k]
+        new["label_status"][i], new["labeled_by"][i] = prediction.statuses[k], labeler.labeled_by
+        new["labeled_at"][i] = labeled_at
     keep = [c for c in batch.schema.names if c not in OUTPUT_COLUMNS]
     arrays = [batch.column(c) for c in keep] + [
         pa.array(new["department"], pa.string()),

@@ -21,23 +21,16 @@ from typing import Any
 
 import submitit
 
-from pipeline.config import ClusterProfile, ConfigError
-from pipeline.errors import TrainingInterrupted
-from pipeline.train import STOP_FILE
+from pipeline.config import ClusterProfile, shipped_file
+from pipeline.errors import STOP_FILE, ConfigError, TrainingInterrupted
 
-ACCELERATE_DIR = Path("jobs") / "accelerate"
 # The training checkpointed and stopped (75), or its launcher was killed by SIGTERM.
 INTERRUPTED_CODES = {TrainingInterrupted.exit_code, -signal.SIGTERM, 128 + signal.SIGTERM}
 
 
 def accelerate_config_path(name: str) -> Path:
-    """A path as given, else ``jobs/accelerate/<name>.yaml`` in the working directory or the checkout."""
-    candidates = [Path(name), ACCELERATE_DIR / f"{name}.yaml", Path(__file__).resolve().parents[1] / ACCELERATE_DIR
-                  / f"{name}.yaml"]
-    for path in candidates:
-        if path.is_file():
-            return path.resolve()
-    raise ConfigError(f"accelerate config {name!r} not found (looked in {', '.join(map(str, candidates[1:]))})")
+    """A path as given, else ``jobs/accelerate/<name>.yaml`` of the checkout."""
+    return shipped_file(name, "jobs/accelerate", what="accelerate config")
 
 
 def distributed_args(profile: ClusterProfile, env: dict[str, str]) -> list[str]:

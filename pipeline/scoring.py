@@ -1,7 +1,10 @@
 """Constrained label scoring: the model picks one label of the label set, with a confidence.
 
+:func:`predict` is the one scoring call: the inference path (``pipeline.predict``) makes it on
+a merged model, the training benchmark's accuracy curve on the model being trained.
+
 Free generation can answer anything ("Department - breakfast", or a paragraph); scoring the
-label set always yields a valid label. Two scorers:
+label set always yields a valid label. Two scorers (chosen by :func:`choose_scorer`):
 
 - first-token: when every label's first completion token is distinct (the 21 Instacart
   departments are), one forward pass per product and the logits at the last prompt position
@@ -22,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.data import format_completion, format_prompt
+from pipeline.errors import ConfigError, ModelError
 
 
 @dataclass
@@ -30,6 +34,20 @@ class Scores:
     """Predicted label per input, in input order."""
     confidence: list[float]
     """Softmax probability of the predicted label within the label set."""
+
+
+@dataclass
+class Prediction:
+    """What scoring a list of product names gives, row for row."""
+
+    labels: list[str | None]
+    """The most probable label; None where the name is empty."""
+    confidences: list[float | None]
+    """Its probability within the label set; None where the name is empty."""
+    log_probs: torch.Tensor
+    """(names, labels) log-probabilities over the label set; rows of NaN where the name is empty."""
+    statuses: list[str]
+    """``ok``, ``empty_name``, or ``truncated`` (the name kept its head within the prompt budget)."""
 
 
 def label_token_ids(tokenizer: PreTrainedTokenizerBase, labels: list[str], eos: bool = True) -> list[list[int]]:
@@ -43,7 +61,7 @@ def label_token_ids(tokenizer: PreTrainedTokenizerBase, labels: list[str], eos: 
     for label in labels:
         ids = tokenizer(prompt + format_completion(label), add_special_tokens=False)["input_ids"]
         if ids[: len(prompt_ids)] != prompt_ids:
-            raise ValueError(f"label {label!r} merges with the prompt's last token; cannot score it")
+            raise ModelError(f"label {label!r} merges with the prompt's last token; cannot score it")
         completion = ids[len(prompt_ids):]
         sequences.append(completion + ([tokenizer.eos_token_id] if eos else []))
     return sequences
@@ -93,7 +111,7 @@ def first_token_log_probs(model, tokenizer, prompts: list[list[int]], labels: li
     """Log-softmax over the labels' first-token logits at each prompt's end: (n_prompts, n_labels)."""
     first_ids = torch.tensor([ids[0] for ids in label_token_ids(tokenizer, labels, eos=False)])
     if len(set(first_ids.tolist())) != len(labels):
-        raise ValueError("labels share a first token: use the full scorer")
+        raise ConfigError("eval.scorer=first_token, but the labels share a first token: use auto or full")
     device = next(model.parameters()).device
     out = torch.empty((len(prompts), len(labels)))
     with tqdm(total=len(prompts), desc="scoring", unit="product", disable=not progress) as bar:
@@ -111,11 +129,6 @@ def best_labels(labels: list[str], log_probs: torch.Tensor) -> Scores:
     probs = log_probs.exp()
     best = probs.argmax(-1)
     return Scores([labels[b] for b in best], [float(probs[i, b]) for i, b in enumerate(best)])
-
-
-def score_first_token(model, tokenizer, prompts: list[list[int]], labels: list[str], batch_size: int = 64,
-                      progress: bool = True) -> Scores:
-    return best_labels(labels, first_token_log_probs(model, tokenizer, prompts, labels, batch_size, progress))
 
 
 @torch.inference_mode()
@@ -144,10 +157,11 @@ def label_log_likelihoods(model, tokenizer, prompts: list[list[int]], labels: li
 
 
 def choose_scorer(name: str, tokenizer, labels: list[str]) -> str:
+    """The scorer a label set gets: ``auto`` is first-token where the labels' first tokens differ."""
     if name == "auto":
         return "first_token" if first_tokens_distinct(tokenizer, labels) else "full"
     if name not in ("first_token", "full"):
-        raise ValueError(f"eval.scorer must be auto, first_token or full, got {name!r}")
+        raise ConfigError(f"eval.scorer must be auto, first_token or full, got {name!r}")
     return name
 
 
@@ -159,7 +173,30 @@ def label_log_probs(model, tokenizer, prompts: list[list[int]], labels: list[str
     return label_log_likelihoods(model, tokenizer, prompts, labels, batch_size, progress=progress).log_softmax(-1)
 
 
-def score(model, tokenizer, prompts: list[list[int]], labels: list[str], scorer: str = "auto",
-          batch_size: int = 64, progress: bool = True) -> Scores:
-    """Predict one label per prompt with the chosen scorer."""
-    return best_labels(labels, label_log_probs(model, tokenizer, prompts, labels, scorer, batch_size, progress))
+def predict(model, tokenizer, names: list[str | None], labels: list[str], *, scorer: str = "auto",
+            batch_size: int = 64, max_prompt_tokens: int | None = None, progress: bool = False) -> Prediction:
+    """Score raw product names against the label set; empty names get no label."""
+    usable = [i for i, name in enumerate(names) if name is not None and str(name).strip()]
+    log_probs = torch.full((len(names), len(labels)), float("nan"))
+    predicted: list[str | None] = [None] * len(names)
+    confidences: list[float | None] = [None] * len(names)
+    statuses = ["empty_name"] * len(names)
+    if usable:
+        prompts, truncated = encode_prompts(tokenizer, [str(names[i]) for i in usable], max_prompt_tokens)
+        scored = label_log_probs(model, tokenizer, prompts, labels, scorer, batch_size, progress)
+        log_probs[usable] = scored
+        best = best_labels(labels, scored)
+        for k, i in enumerate(usable):
+            predicted[i], confidences[i] = best.labels[k], best.confidence[k]
+            statuses[i] = "truncated" if truncated[k] else "ok"
+    return Prediction(predicted, confidences, log_probs, statuses)
+
+
+def blend_log_probs(log_probs: torch.Tensor, lexical_scores: torch.Tensor, weight: float) -> torch.Tensor:
+    """The model's label log-probabilities plus ``weight`` times a lexical model's per-label scores
+    (the TF-IDF + SVM's decision values), renormalised over the label set.
+
+    Both inputs are (names, labels) in the same label order; the result is again a log-probability
+    matrix, so :func:`best_labels` reads labels and confidences from it like from the model's own.
+    """
+    return (log_probs + weight * lexical_scores).log_softmax(-1)

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.config import ConfigError, load_profile, load_recipe
+from pipeline.config import load_profile, load_recipe, read_yaml, shipped_file
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +45,24 @@ class SweepSpec:
     seed: int
 
 
+# W&B's sweep keys: those we act on, and those we accept and leave to W&B (program, command, ...).
+SWEEP_KEYS = {"name", "method", "metric", "parameters", "run_cap", "seed", "description", "program", "command",
+              "project", "entity", "early_terminate"}
+PARAMETER_KEYS = {"value", "values", "probabilities", "distribution", "min", "max", "q", "mu", "sigma"}
+
+
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and validate a W&B sweep YAML whose parameter names are dotted recipe keys."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: sweep file not found") from None
+    _, raw = read_yaml(path, "sweep file")
+    unknown = sorted(set(raw) - SWEEP_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(SWEEP_KEYS))}")
     method = raw.get("method", "grid")
     if method not in ("grid", "random"):
         raise ConfigError(f"{path}: method must be grid or random (bayes needs W&B's server), got {method!r}")
     metric = raw.get("metric") or {"name": "accuracy", "goal": "maximize"}
+    if not isinstance(metric, dict) or set(metric) - {"name", "goal", "target"}:
+        raise ConfigError(f"{path}: metric: expected a mapping with name and goal, got {metric!r}")
     if metric.get("goal", "maximize") not in ("maximize", "minimize"):
         raise ConfigError(f"{path}: metric.goal must be maximize or minimize")
     parameters = raw.get("parameters") or {}
@@ -65,6 +71,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
     for key, spec in parameters.items():
         if not isinstance(spec, dict) or not ({"value", "values", "min", "max", "distribution"} & set(spec)):
             raise ConfigError(f"{path}: parameters.{key}: expected value, values, or min/max")
+        unknown = sorted(set(spec) - PARAMETER_KEYS)
+        if unknown:
+            raise ConfigError(f"{path}: parameters.{key}: unknown key(s) {', '.join(unknown)}")
         if spec.get("distribution", "uniform") not in DISTRIBUTIONS:
             raise ConfigError(f"{path}: parameters.{key}: unknown distribution {spec['distribution']!r}")
         if method == "grid" and "value" not in spec and "values" not in spec:
@@ -72,9 +81,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
     run_cap = raw.get("run_cap")
     if method == "random" and not run_cap:
         raise ConfigError(f"{path}: random search needs run_cap")
-    return SweepSpec(name=str(raw.get("name") or path.stem), method=method, metric=metric.get("name", "accuracy"),
-                     goal=metric.get("goal", "maximize"), parameters=parameters, run_cap=run_cap,
-                     seed=int(raw.get("seed", 0)))
+    return SweepSpec(name=str(raw.get("name") or Path(path).stem), method=method,
+                     metric=metric.get("name", "accuracy"), goal=metric.get("goal", "maximize"),
+                     parameters=parameters, run_cap=run_cap, seed=int(raw.get("seed", 0)))
 
 
 def _sample(spec: dict[str, Any], rng: random.Random) -> Any:
@@ -212,24 +221,25 @@ def run_sweep(sweep_path: str, recipe_path: str, output: str, executor_kind: str
     from pipeline.launcher import TrainTask, make_executor
 
     spec = load_sweep(sweep_path)
+    recipe_path = str(shipped_file(recipe_path, what="recipe file"))  # the tasks may start elsewhere
     configs = expand(spec)
     if not configs:
         raise ConfigError(f"{sweep_path}: the sweep expands to no configuration")
     for config in configs:  # fail on a typo now, not in every array task
         load_recipe(recipe_path, as_overrides(config))
     recipe = load_recipe(recipe_path)
-    profile = load_profile(profile_path or Path("jobs") / "clusters" / "dev.yaml", profile_overrides)
+    profile = load_profile(profile_path or "jobs/clusters/dev.yaml", profile_overrides)
     group = f"{spec.name}-{sweep_id(spec, recipe_path, configs)}"
     sweep_dir = Path(output).resolve()
     (sweep_dir / "runs").mkdir(parents=True, exist_ok=True)
     names = [f"{spec.name}-{i:03d}" for i in range(len(configs))]
     (sweep_dir / "sweep.json").write_text(json.dumps(
         {"name": spec.name, "group": group, "method": spec.method, "metric": spec.metric, "goal": spec.goal,
-         "recipe": str(Path(recipe_path).resolve()), "runs": dict(zip(names, configs))}, indent=1) + "\n")
+         "recipe": recipe_path, "runs": dict(zip(names, configs))}, indent=1) + "\n")
 
     env = {"WANDB_RUN_GROUP": group, "WANDB_DIR": str(sweep_dir), "WANDB_JOB_TYPE": "train",
            "WANDB_PROJECT": recipe.tracking.project, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
-    task = TrainTask(str(Path(recipe_path).resolve()), recipe.launch.accelerate_config, profile, env)
+    task = TrainTask(recipe_path, recipe.launch.accelerate_config, profile, env)
     overrides = [as_overrides(c) + ["tracking.wandb=true", f"tracking.group={group}"] for c in configs]
     executor = make_executor(executor_kind, sweep_dir / "submitit", profile, f"sweep-{spec.name}")
     jobs = executor.map_array(task, names, overrides, [str(sweep_dir / "runs" / n) for n in names])
@@ -256,6 +266,7 @@ def submit_labeling(adapter: Path, catalog: str, output: str | None) -> str:
     command = ["sbatch", "--parsable", f"--output={adapter.parent / 'label-%A_%a.out'}"]
     if "SLURM_JOB_ID" in os.environ:
         command.append(f"--dependency=afterok:{os.environ['SLURM_JOB_ID']}")
-    command += ["slurm/label_catalog.sh", catalog, output or str(adapter.parent / "labeled")]
+    script = shipped_file("slurm/label_catalog.sh", what="labeling script")
+    command += [str(script), catalog, output or str(adapter.parent / "labeled")]
     env = {**os.environ, "CATALOG_TUNER_ADAPTER": str(adapter)}
     return subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout.strip()

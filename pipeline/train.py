@@ -22,15 +22,15 @@ from accelerate import PartialState
 from datasets import Dataset
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import TrainerCallback, TrainerState, set_seed
+from transformers import TrainerCallback, TrainerState, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from pipeline import tracking
 from pipeline.config import Recipe, save_recipe
-from pipeline.data import DataError, prepare, read_labels, read_split, to_prompt_completion
-from pipeline.errors import TrainingInterrupted
+from pipeline.data import prepare, read_labels, read_split, to_prompt_completion
+from pipeline.errors import STOP_FILE, ConfigError, DataError, TrainingInterrupted
 from pipeline.model import (
     fit_embeddings,
     load_base_model,
@@ -48,10 +48,6 @@ TRAINING_SECTIONS = ("data", "model", "lora", "train")
 # ...except these keys, which a resumed run may change (train longer, save more often, move data).
 RESUME_SAFE_KEYS = {"data.dir", "train.max_steps", "train.num_train_epochs", "train.save_steps",
                     "train.save_total_limit", "train.logging_steps", "train.dataloader_num_workers"}
-
-
-STOP_FILE = "STOP"
-"""Created in RUN_DIR by a job launcher to ask a running training to checkpoint and exit."""
 
 
 class CheckpointAndStop(TrainerCallback):
@@ -133,7 +129,7 @@ def check_resumable(run: Path, recipe: Recipe) -> None:
     changed = [f"{s}.{k}" for s in TRAINING_SECTIONS for k in current[s]
                if saved.get(s, {}).get(k) != current[s][k] and f"{s}.{k}" not in RESUME_SAFE_KEYS]
     if changed:
-        raise ValueError(f"{run} holds a run of another recipe (differs in {', '.join(changed)}); "
+        raise ConfigError(f"{run} holds a run of another recipe (differs in {', '.join(changed)}); "
                          "use a new --output or delete it")
 
 
@@ -177,6 +173,11 @@ def sft_config(recipe: Recipe, run: Path, device: str) -> SFTConfig:
         report_to=tracking.report_to(recipe, run),
         run_name=recipe.tracking.run_name or run.name,
     )
+
+
+def examples_per_step(args: TrainingArguments) -> int:
+    """Examples one optimizer step consumes, over every process of a data-parallel run."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
 def write_loss_log(history: list[dict[str, Any]], run: Path) -> None:
@@ -277,13 +278,12 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
     trainer.model.save_pretrained(run / "adapter")
     tokenizer.save_pretrained(run / "adapter")
     write_loss_log(trainer.state.log_history, run)
-    t = recipe.train
     steps = trainer.state.global_step
-    examples_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * trainer.args.world_size
     metrics = {
         "train_runtime_s": round(result.metrics.get("train_runtime", wall), 2),
         "train_steps": steps,
-        "train_samples": steps * examples_per_step,
+        "examples_per_step": examples_per_step(trainer.args),
+        "train_samples": steps * examples_per_step(trainer.args),
         "train_loss": result.metrics.get("train_loss"),
         "resumed_from": last,
         "seconds_per_step_this_session": round(wall / max(1, steps - _step_of(last)), 3),

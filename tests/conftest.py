@@ -2,6 +2,10 @@
 
 The cache lives in ``<repo>/.cache`` unless CATALOG_TUNER_CACHE points elsewhere, so a rerun of
 the suite (or CI on the same machine) skips the ~15 s GGUF conversion.
+
+Markers: ``slow`` for a test that trains for real, itself or through a trained-adapter fixture
+(marked here, so that a new test using one cannot forget it); ``cluster`` for the Slurm tests.
+``make test-fast`` runs the rest.
 """
 
 from __future__ import annotations
@@ -14,6 +18,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("CATALOG_TUNER_CACHE", str(REPO / ".cache"))
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+TRAINED_FIXTURES = {"adapter_run", "tiny_run"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

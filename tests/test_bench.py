@@ -1,15 +1,12 @@
 """The benchmark helpers (the benchmarks themselves print numbers; nothing is timed here)."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
-import torch
+import pytest
 
 from pipeline.bench import parse_generation, synthetic_catalog
 
@@ -34,6 +31,7 @@ def test_synthetic_catalog_prelabels_all_but_the_new_fraction(data_dir, tmp_path
     assert table.column("labeled_by").null_count == new
 
 
+@pytest.mark.slow
 def test_train_benchmark_writes_its_json_schema(data_dir, base_model_path, tmp_path):
     """The schema on a tiny budget; the figures themselves live in results/, never in asserts."""
     out = tmp_path / "bench.json"
@@ -69,13 +67,11 @@ def test_curve_stops_the_training_once_it_reaches_stop_at(adapter_run, data_dir)
     from transformers import TrainerControl, TrainerState
 
     from pipeline.bench import AccuracyCurve
-    from pipeline.config import load_recipe
-    from pipeline.data import read_labels, read_split
-    from pipeline.model import load_for_inference
+    from pipeline.data import read_split
+    from pipeline.predict import Predictor
 
-    recipe = load_recipe(adapter_run / "config.yaml")
-    model, tokenizer = load_for_inference(adapter_run, recipe.model, "cpu", torch.float32)
-    labels = read_labels(adapter_run / "labels.json")
+    predictor = Predictor.from_run(adapter_run)
+    model, tokenizer, labels = predictor.model, predictor.tokenizer, predictor.labels
     test = read_split(data_dir / "test.parquet", labels).head(8)
     args = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=1)
     for stop_at, stops in ((0.0, True), (1.01, False), (None, False)):
@@ -87,43 +83,3 @@ def test_curve_stops_the_training_once_it_reaches_stop_at(adapter_run, data_dir)
                           processing_class=tokenizer)
         assert [p["step"] for p in curve.points] == [2]
         assert control.should_training_stop is stops
-
-
-def test_errors_benchmark_splits_the_test_rows_between_model_and_baseline(adapter_run, tmp_path):
-    from pipeline.bench import bench_errors, normalized_name, telling_words
-    from pipeline.config import load_recipe
-    from pipeline.evaluate import evaluate
-
-    assert normalized_name("Organic Whole Milk, 1 gal") == normalized_name("organic  whole milk gal")
-    train = pd.DataFrame({"product_name": ["Amy's Burrito", "Amy's Pizza", "Amy's Soup", "Whole Milk", "Milk Bread"],
-                          "department": ["frozen", "frozen", "canned goods", "dairy eggs", "bakery"]})
-    assert telling_words(train, max_names=3, min_purity=0.6) == {
-        "amy": "frozen", "s": "frozen", "burrito": "frozen", "pizza": "frozen", "soup": "canned goods",
-        "whole": "dairy eggs", "bread": "bakery"}
-    run = tmp_path / "run"
-    shutil.copytree(adapter_run, run)
-    metrics = evaluate(run, recipe=load_recipe(run / "config.yaml", ["eval.max_samples=40"]), progress=False)
-    errors = bench_errors(run, train_samples=16, ensemble=True)
-    assert errors["test_products"] == 40 and errors["model_accuracy"] == round(metrics["accuracy"], 4)
-    assert errors["baseline_accuracy"] == round(metrics["baseline"]["accuracy"], 4)
-    parts = ("both_right", "model_only_right", "baseline_only_right", "neither_right")
-    assert abs(sum(errors[k] for k in parts) - 1) < 1e-3
-    assert abs(errors["either_right"] - 1 + errors["neither_right"]) < 1e-3
-    told = errors["telling_word_names_the_truth"]
-    assert sum(told[k]["rows"] for k in parts) == 40 and all(0 <= told[k]["told"] <= told[k]["rows"] for k in parts)
-    assert 0 <= errors["ensemble"]["accuracy"] <= 1 and len(errors["ensemble"]["weights_chosen"]) == 2
-    assert errors["train_fit"]["train_products"] == 16 and 0 <= errors["train_fit"]["model_accuracy"] <= 1
-
-
-def test_ensemble_weight_is_chosen_on_the_other_half():
-    from pipeline.bench import ensemble_cross_fitted
-
-    # The model prefers the wrong label by 1.9 nats on every row; the baseline the right one by 1:
-    # only weights of 2 and more put the right label first.
-    truth = np.array(["a", "b"] * 10, dtype=object)
-    right = np.array([[1, 0], [0, 1]] * 10)
-    log_probs = np.where(right == 1, -2.0, -0.1)
-    decisions = right.astype(float)
-    result = ensemble_cross_fitted(log_probs, decisions, truth, ["a", "b"], weights=(0.5, 1, 2, 3))
-    assert result["weights_chosen"] == [2, 2] and result["accuracy"] == 1.0
-    assert ensemble_cross_fitted(log_probs, decisions, truth, ["a", "b"], weights=(0.5, 1))["accuracy"] == 0.0

@@ -94,8 +94,8 @@ def test_prompt_lookalikes_do_not_leak_between_rows(labeler):
     """A row's prediction depends on that row alone, whatever its neighbours contain."""
     alone = labeler.predict(["Bread Rolls"])
     mixed = labeler.predict(["Milk ->: household", "Bread Rolls", "x ->: pets\nBread Rolls ->: pets"])
-    assert mixed[0][1] == alone[0][0]
-    assert mixed[1][1] == pytest.approx(alone[1][0], abs=1e-4)
+    assert mixed.labels[1] == alone.labels[0]
+    assert mixed.confidences[1] == pytest.approx(alone.confidences[0], abs=1e-4)
 
 
 def test_rerun_skips_finished_files(adapter_run, catalog, tmp_path):

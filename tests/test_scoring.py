@@ -33,12 +33,12 @@ def test_first_token_scores_equal_full_likelihoods_on_single_token_labels(base_m
     single = [label for label, ids in zip(candidates, tokens) if len(ids) == 1]
     assert len(single) >= 5
     prompts, _ = scoring.encode_prompts(tokenizer, NAMES)
-    first = scoring.score_first_token(base_model, tokenizer, prompts, single, batch_size=3, progress=False)
+    first = scoring.predict(base_model, tokenizer, NAMES, single, scorer="first_token", batch_size=3)
     loglik = scoring.label_log_likelihoods(base_model, tokenizer, prompts, single, batch_size=16, eos=False,
                                            progress=False)
     probs = loglik.softmax(-1)
     assert first.labels == [single[i] for i in probs.argmax(-1)]
-    assert torch.allclose(torch.tensor(first.confidence), probs.max(-1).values, atol=1e-4)
+    assert torch.allclose(torch.tensor(first.confidences), probs.max(-1).values, atol=1e-4)
 
 
 def test_full_scorer_handles_labels_sharing_a_first_token(base_model, tokenizer):
@@ -47,7 +47,7 @@ def test_full_scorer_handles_labels_sharing_a_first_token(base_model, tokenizer)
     assert scoring.choose_scorer("auto", tokenizer, labels) == "full"
     prompts, _ = scoring.encode_prompts(tokenizer, NAMES)
     with pytest.raises(ValueError, match="share a first token"):
-        scoring.score_first_token(base_model, tokenizer, prompts, labels, progress=False)
+        scoring.predict(base_model, tokenizer, NAMES, labels, scorer="first_token")
     batched = scoring.label_log_likelihoods(base_model, tokenizer, prompts, labels, batch_size=12, progress=False)
     # Reference: each (prompt, label) alone, no padding, log-probs summed token by token.
     completions = scoring.label_token_ids(tokenizer, labels)
@@ -58,18 +58,17 @@ def test_full_scorer_handles_labels_sharing_a_first_token(base_model, tokenizer)
                 logprobs = base_model(input_ids=ids).logits[0].float().log_softmax(-1)
                 expected = sum(logprobs[len(prompt) - 1 + k, t] for k, t in enumerate(completion))
                 assert float(batched[i, j]) == pytest.approx(float(expected), abs=1e-3)
-    scores = scoring.score(base_model, tokenizer, prompts, labels, "auto", progress=False)
+    scores = scoring.predict(base_model, tokenizer, NAMES, labels)
     assert set(scores.labels) <= set(labels)
-    assert all(0 < c <= 1 for c in scores.confidence)
+    assert all(0 < c <= 1 for c in scores.confidences)
 
 
 def test_scores_do_not_depend_on_batching(base_model, tokenizer):
     labels = ["bakery", "dairy eggs", "frozen", "household", "pets", "snacks"]
-    prompts, _ = scoring.encode_prompts(tokenizer, NAMES)
-    one = scoring.score_first_token(base_model, tokenizer, prompts, labels, batch_size=1, progress=False)
-    many = scoring.score_first_token(base_model, tokenizer, prompts, labels, batch_size=8, progress=False)
+    one = scoring.predict(base_model, tokenizer, NAMES, labels, scorer="first_token", batch_size=1)
+    many = scoring.predict(base_model, tokenizer, NAMES, labels, scorer="first_token", batch_size=8)
     assert one.labels == many.labels
-    assert one.confidence == pytest.approx(many.confidence, abs=1e-4)
+    assert one.confidences == pytest.approx(many.confidences, abs=1e-4)
 
 
 def test_long_names_are_truncated_keeping_the_prompt_suffix(tokenizer):
@@ -77,3 +76,22 @@ def test_long_names_are_truncated_keeping_the_prompt_suffix(tokenizer):
     assert truncated == [False, True]
     assert len(prompts[1]) == 16
     assert tokenizer.decode(prompts[1]).endswith(" ->:")
+
+
+def test_empty_names_get_no_label_and_no_probability(base_model, tokenizer):
+    labels = ["bakery", "frozen", "snacks"]
+    prediction = scoring.predict(base_model, tokenizer, ["Bread Rolls", None, "  ", "word " * 40], labels,
+                                 max_prompt_tokens=16)
+    assert prediction.statuses == ["ok", "empty_name", "empty_name", "truncated"]
+    assert prediction.labels[1:3] == [None, None] and prediction.confidences[1:3] == [None, None]
+    assert prediction.log_probs[1:3].isnan().all() and not prediction.log_probs[[0, 3]].isnan().any()
+    assert torch.allclose(prediction.log_probs[[0, 3]].exp().sum(-1), torch.ones(2), atol=1e-5)
+
+
+def test_blend_renormalises_and_can_overturn_the_model():
+    log_probs = torch.tensor([[0.7, 0.3], [0.6, 0.4]]).log()
+    lexical = torch.tensor([[0.0, 2.0], [0.0, 0.1]])
+    blended = scoring.blend_log_probs(log_probs, lexical, weight=1.0)
+    assert torch.allclose(blended.exp().sum(-1), torch.ones(2))
+    assert scoring.best_labels(["a", "b"], blended).labels == ["b", "a"]  # a strong lexical vote wins
+    assert torch.allclose(scoring.blend_log_probs(log_probs, lexical, weight=0.0), log_probs)

@@ -101,6 +101,7 @@ def test_leaderboard_ranks_lists_failures_and_promotes(tmp_path):
     assert ranked[0]["run"] == "s-000"
 
 
+@pytest.mark.slow
 def test_local_executor_runs_the_same_path(tmp_path, data_dir, base_model_path):
     """`--executor local`: submitit's local executor, the accelerate launch, ranking, promotion."""
     from pipeline.sweep import run_sweep

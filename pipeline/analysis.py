@@ -1,0 +1,172 @@
+"""Error analysis: why a run scores what it scores (the benchmarks in ``pipeline.bench`` say how fast).
+
+``python -m pipeline.analysis errors --run RUN_DIR [--train-samples N] [--ensemble]``
+    where a finished run's test predictions and the classical baseline's agree and differ (both
+    right, only one right, neither), how often products whose names repeat between train and
+    test carry the same department, how many rows of each kind a rare, telling training word
+    decides, how well the model fits its own training rows, and what the model and the baseline
+    score together (the weight chosen on the other half of the rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import baseline
+from pipeline.bench import machine
+from pipeline.data import read_split
+from pipeline.evaluate import classification_metrics
+from pipeline.predict import Predictor, run_recipe
+from pipeline.scoring import blend_log_probs
+
+
+def normalized_name(name: str) -> str:
+    """Lower-case letters and single spaces: "Organic Whole Milk, 1 gal" and "organic whole milk gal"
+    are one product name for the repeated-names count."""
+    return " ".join("".join(c if c.isalpha() else " " for c in name.lower()).split())
+
+
+def telling_words(train: pd.DataFrame, max_names: int = 20, min_purity: float = 0.9) -> dict[str, str]:
+    """Words in at most ``max_names`` training names, at least ``min_purity`` of them in one
+    department, mapped to that department.
+
+    Such a word (a brand, mostly) is per-word memory that a TF-IDF model stores in one weight
+    each and a low-rank adapter has to squeeze through shared matrices; counting the test rows
+    where one names the truth tells how much of the baseline's lead that memory can explain.
+    """
+    departments: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for name, department in zip(train["product_name"], train["department"]):
+        for word in set(normalized_name(name).split()):
+            departments[word][department] += 1
+    telling = {}
+    for word, counts in departments.items():
+        total = sum(counts.values())
+        department, count = counts.most_common(1)[0]
+        if total <= max_names and count >= min_purity * total:
+            telling[word] = department
+    return telling
+
+
+ENSEMBLE_WEIGHTS = (0.5, 1, 2, 3, 5, 8, 12, 20, 40)
+
+
+def ensemble_cross_fitted(log_probs: torch.Tensor, decisions: torch.Tensor, truth: np.ndarray, labels: list[str],
+                          weights: tuple[float, ...] = ENSEMBLE_WEIGHTS, seed: int = 0) -> dict[str, Any]:
+    """Predict with :func:`pipeline.scoring.blend_log_probs` for every test row, with the weight chosen
+    on the other random half of the rows (both ways round).
+
+    Choosing w on the rows it is scored on would flatter the ensemble; fitting it on one half and
+    scoring the other is what a weight fitted on held-out data would give.
+    """
+    rows = np.random.RandomState(seed).permutation(len(truth))
+    halves = (rows[: len(rows) // 2], rows[len(rows) // 2:])
+    names = np.asarray(labels)
+
+    def predicted(weight: float, part: np.ndarray) -> np.ndarray:
+        return names[blend_log_probs(log_probs[part], decisions[part], weight).argmax(1).numpy()]
+
+    def accuracy(weight: float, part: np.ndarray) -> float:
+        return float((predicted(weight, part) == truth[part]).mean())
+
+    blended = np.empty(len(truth), dtype=object)
+    chosen = []
+    for fit, held_out in (halves, halves[::-1]):
+        weight = max(weights, key=lambda w: accuracy(w, fit))
+        chosen.append(weight)
+        blended[held_out] = predicted(weight, held_out)
+    metrics = classification_metrics(list(truth), list(blended), labels)
+    return {"weights_tried": list(weights), "weights_chosen": chosen,
+            "accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4)}
+
+
+def analyze_errors(run: Path, train_samples: int = 0, ensemble: bool = False) -> dict[str, Any]:
+    """Where a finished run's test predictions and the classical baseline's agree and differ."""
+    recipe = run_recipe(run)
+    predictions = pd.read_parquet(run / "eval_predictions.parquet")
+    data_dir = Path(recipe.data.dir)
+    train = read_split(data_dir / "train.parquet")
+    svm = baseline.fitted(data_dir / "train.parquet", train)["model"]
+    truth = predictions["department"].to_numpy()
+    model_right = predictions["predicted"].to_numpy() == truth
+    baseline_right = svm.predict(predictions["product_name"].tolist()) == truth
+
+    def share(mask) -> float | None:
+        return round(float(mask.mean()), 4) if mask.size else None
+
+    train_department = train.assign(key=train["product_name"].map(normalized_name)).groupby("key")["department"]
+    usual = train_department.agg(lambda d: d.mode().iloc[0])
+    keys = predictions["product_name"].map(normalized_name)
+    repeated = keys.isin(usual.index).to_numpy()
+    max_names, min_purity = 20, 0.9
+    telling = telling_words(train, max_names, min_purity)
+    told_truth = np.array([any(telling.get(word) == department for word in key.split())
+                           for key, department in zip(keys, truth)], dtype=bool)
+    cells = {"both_right": model_right & baseline_right, "model_only_right": model_right & ~baseline_right,
+             "baseline_only_right": ~model_right & baseline_right, "neither_right": ~model_right & ~baseline_right}
+    result: dict[str, Any] = {
+        "benchmark": "errors",
+        "command": "python -m pipeline.analysis " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["errors"] else None,
+        "run": str(run),
+        "config": recipe.to_dict(),
+        "machine": machine(),
+        "test_products": len(truth),
+        "model_accuracy": share(model_right),
+        "baseline_accuracy": share(baseline_right),
+        **{cell: share(mask) for cell, mask in cells.items()},
+        "either_right": share(model_right | baseline_right),
+        "repeated_names": {
+            "test_products": int(repeated.sum()),
+            "same_department_as_train": share(usual.reindex(keys[repeated]).to_numpy() == truth[repeated]),
+            "model_accuracy": share(model_right[repeated]),
+        },
+        "telling_word_names_the_truth": {
+            "rule": f"a word in at most {max_names} training names, "
+                    f"at least {min_purity:.0%} of them in one department",
+            **{cell: {"rows": int(mask.sum()), "told": int((mask & told_truth).sum())} for cell, mask in cells.items()},
+        },
+    }
+    if not (train_samples or ensemble):
+        return result
+    predictor = Predictor.from_run(run, recipe)
+    if train_samples:
+        rows = train.head(train_samples)
+        names, departments = rows["product_name"].tolist(), rows["department"].to_numpy()
+        predicted = predictor.predict(names, progress=True).labels
+        result["train_fit"] = {
+            "train_products": len(rows),
+            "model_accuracy": share(pd.Series(predicted).to_numpy() == departments),
+            "baseline_accuracy": share(svm.predict(names) == departments),
+        }
+    if ensemble:
+        names = predictions["product_name"].tolist()
+        log_probs = predictor.predict(names, progress=True).log_probs
+        decisions = torch.from_numpy(baseline.decision_matrix(svm, names, predictor.labels)).float()
+        result["ensemble"] = ensemble_cross_fitted(log_probs, decisions, truth, predictor.labels)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.analysis")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("errors", help="split a run's test rows between model and baseline")
+    p.add_argument("--run", required=True, help="a run directory that has been evaluated")
+    p.add_argument("--train-samples", type=int, default=0, help="also score the first N training products")
+    p.add_argument("--ensemble", action="store_true",
+                   help="also score the model's label log-probabilities plus w x the baseline's decision values")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    print(json.dumps(analyze_errors(Path(args.run), args.train_samples, args.ensemble)))
+
+
+if __name__ == "__main__":
+    main()

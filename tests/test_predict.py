@@ -1,0 +1,67 @@
+"""The one inference path: evaluate, label and the labeling benchmark score through one Predictor."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import ModelError
+from pipeline.predict import Predictor, run_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY_MODULES = ("torch", "transformers", "trl", "peft", "datasets")
+
+
+def test_evaluate_label_and_bench_agree_on_200_test_products(adapter_run, data_dir, tmp_path):
+    import shutil
+
+    from pipeline.bench import bench_label
+    from pipeline.evaluate import evaluate
+    from pipeline.label import label_catalogs
+
+    run = tmp_path / "run"
+    shutil.copytree(adapter_run, run)
+    metrics = evaluate(run, data_dir / "test.parquet", run_recipe(run, ["eval.max_samples=200"]), progress=False)
+    evaluated = pd.read_parquet(run / "eval_predictions.parquet")
+    catalog = tmp_path / "catalog.parquet"
+    pq.write_table(pa.table({"product_id": evaluated["product_id"], "product_name": evaluated["product_name"]}),
+                   catalog)
+    label_catalogs(run, [str(catalog)], tmp_path / "labeled", rows_per_batch=50, batch_size=16, progress=False)
+    labeled = pd.read_parquet(tmp_path / "labeled" / "catalog.parquet")
+    assert len(evaluated) == 200 and labeled["department"].tolist() == evaluated["predicted"].tolist()
+    assert labeled["department_confidence"].to_numpy() == pytest.approx(evaluated["confidence"].to_numpy(), abs=1e-5)
+    bench = bench_label(run, data_dir, 200, 0, batch_size=32)
+    assert bench["labeler"]["accuracy"] == round(metrics["accuracy"], 4)
+
+
+def test_a_promoted_link_is_a_run_directory(adapter_run, tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "best").symlink_to(adapter_run)
+    (tmp_path / "promoted").symlink_to(Path("runs") / "best")
+    predictor = Predictor.from_run(tmp_path / "promoted")
+    assert predictor.run_dir == adapter_run.resolve()
+    assert predictor.predict(["Bread Rolls", ""]).statuses == ["ok", "empty_name"]
+    assert predictor.describe()["scorer"] == "first_token" and predictor.describe()["dtype"] == "float32"
+
+
+def test_a_folder_without_a_recipe_is_not_a_run(tmp_path):
+    with pytest.raises(ModelError, match="not a run directory"):
+        Predictor.from_run(tmp_path)
+
+
+def test_the_driver_and_launcher_start_without_the_ml_stack():
+    """`catalog-tuner --help`, the sweep driver (a 1-CPU job) and the submitit task never import torch."""
+    code = ("import pipeline.cli, pipeline.launcher, pipeline.sweep, sys; "
+            f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    helped = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline.cli", "sweep", "--help"],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert helped.returncode == 0 and "--executor" in helped.stdout
+    imported = {line.split("|")[-1].strip() for line in helped.stderr.splitlines() if line.startswith("import time")}
+    assert not imported & set(HEAVY_MODULES)
