@@ -4,22 +4,28 @@ char_wb 2-5-grams, and a linear SVM (scikit-learn).
 It fits in well under a minute on one core and is hard to beat on short product names, so a
 reader sees at once whether the adapter earns its cost. C is chosen on a held-out slice of the
 training split only; the test split is never looked at before the final prediction. The fitted
-pipeline is cached beside the split (``DATA_DIR/baseline.pkl``, keyed by the training file's
-checksum), so the many evaluations of a sweep fit it once.
+model is cached beside the split (``DATA_DIR/baseline.json`` + ``baseline.safetensors``, keyed
+by the training file's checksum), so the many evaluations of a sweep fit it once.
+
+Never as a pickle: data and run folders are shared on a cluster, and loading a pickle runs
+whatever code it holds. The cache keeps the vocabularies and settings as JSON and the idf
+weights, coefficients and intercepts as safetensors, and :func:`load` rebuilds the scikit-learn
+objects from them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-import pickle
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from safetensors.numpy import load_file, save_file
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.svm import LinearSVC
@@ -28,15 +34,15 @@ log = logging.getLogger(__name__)
 
 NAME = "tfidf+linear-svm"
 C_GRID = (0.1, 0.3, 1.0, 3.0)
+FEATURES = {"words": {"analyzer": "word", "ngram_range": (1, 2)},
+            "chars": {"analyzer": "char_wb", "ngram_range": (2, 5)}}
 
 
 def make_pipeline(c: float) -> Pipeline:
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    features = FeatureUnion([
-        ("words", TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, lowercase=True)),
-        ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, lowercase=True)),
-    ])
+    features = FeatureUnion([(name, TfidfVectorizer(sublinear_tf=True, lowercase=True, **options))
+                             for name, options in FEATURES.items()])
     return Pipeline([("tfidf", features), ("svm", LinearSVC(C=c))])
 
 
@@ -67,25 +73,60 @@ def _checksum(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def save(fitted: dict[str, Any], folder: Path, stem: str = "baseline") -> None:
+    """Write a fitted baseline as ``<stem>.json`` (settings, classes, vocabularies) and
+    ``<stem>.safetensors`` (idf weights, coefficients, intercepts), each atomically."""
+    model = fitted["model"]
+    vectorizers = dict(model.named_steps["tfidf"].transformer_list)
+    svm = model.named_steps["svm"]
+    tensors = {"svm.coef": svm.coef_, "svm.intercept": svm.intercept_}
+    vocabularies = {}
+    for name, vectorizer in vectorizers.items():
+        tensors[f"{name}.idf"] = vectorizer.idf_
+        terms = sorted(vectorizer.vocabulary_, key=vectorizer.vocabulary_.__getitem__)
+        vocabularies[name] = terms  # a term's position is its column
+    described = {k: v for k, v in fitted.items() if k != "model"}
+    described.update(classes=[str(c) for c in svm.classes_], vocabularies=vocabularies)
+    for path, write in ((folder / f"{stem}.safetensors", lambda tmp: save_file(
+            {k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)),
+            (folder / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(described)))):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # sweep tasks may write at the same time
+        write(str(tmp))
+        os.replace(tmp, path)
+
+
+def load(folder: Path, stem: str = "baseline") -> dict[str, Any]:
+    """Rebuild a baseline written by :func:`save`; same decision values, no pickle."""
+    described = json.loads((folder / f"{stem}.json").read_text())
+    tensors = load_file(str(folder / f"{stem}.safetensors"))
+    model = make_pipeline(described["c"])
+    for name, vectorizer in model.named_steps["tfidf"].transformer_list:
+        vectorizer.vocabulary_ = {term: i for i, term in enumerate(described["vocabularies"][name])}
+        vectorizer.idf_ = tensors[f"{name}.idf"]
+    svm = model.named_steps["svm"]
+    svm.coef_, svm.intercept_ = tensors["svm.coef"], tensors["svm.intercept"]
+    svm.classes_ = np.asarray(described["classes"], dtype=object)
+    del described["vocabularies"], described["classes"]
+    return {**described, "model": model}
+
+
 def fitted(train_path: Path, train: pd.DataFrame) -> dict[str, Any]:
     """The baseline for this training split, from the cache beside it when it matches."""
-    cache = train_path.with_name("baseline.pkl")
+    folder = train_path.parent
     checksum = _checksum(train_path)
-    if cache.is_file():
+    if (folder / "baseline.json").is_file():
         try:
-            saved = pickle.loads(cache.read_bytes())
+            saved = load(folder)
             if saved.get("train_checksum") == checksum and saved.get("name") == NAME:
                 return saved
-        except Exception as exc:  # a stale or foreign file is refit, never trusted
-            log.warning("%s: unreadable (%s); refitting the baseline", cache, exc)
+        except Exception as exc:  # a stale, partial or foreign file is refit, never trusted
+            log.warning("%s: unreadable (%s); refitting the baseline", folder / "baseline.json", exc)
     log.info("fitting the %s baseline on %d training rows", NAME, len(train))
     result = {"name": NAME, "train_checksum": checksum, **fit(train)}
     try:
-        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")  # sweep tasks may fit at the same time
-        tmp.write_bytes(pickle.dumps(result))
-        tmp.replace(cache)
+        save(result, folder)
     except OSError as exc:  # a read-only data folder: fit again next time
-        log.warning("cannot cache the baseline in %s: %s", cache, exc)
+        log.warning("cannot cache the baseline in %s: %s", folder, exc)
     return result
 
 

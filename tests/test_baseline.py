@@ -1,5 +1,6 @@
 """The classical baseline: fit with C chosen on training data only, predict, report, cache."""
 
+import numpy as np
 import pandas as pd
 
 from pipeline import baseline
@@ -32,8 +33,7 @@ def test_report_sits_next_to_the_model_and_is_cached(data_dir, tmp_path):
     assert report["name"] == "tfidf+linear-svm" and report["n_train"] == 2000
     assert 0 <= report["accuracy"] <= 1 and 0 <= report["macro_f1"] <= 1
     assert set(report["per_label_f1"]) <= set(labels)
-    cache = train_path.with_name("baseline.pkl")
-    assert cache.is_file()
+    assert train_path.with_name("baseline.json").is_file() and train_path.with_name("baseline.safetensors").is_file()
     assert baseline_metrics(train_path, train, test, labels) == report  # served from the cache, same predictions
 
     metrics = {"accuracy": 0.9, "macro_f1": 0.8, "n_eval": 300, "train_runtime_s": 60.0,
@@ -50,5 +50,19 @@ def test_a_changed_training_split_refits(data_dir, tmp_path):
     pd.read_parquet(train_path).head(1200).to_parquet(train_path, index=False)
     second = baseline.fitted(train_path, read_split(train_path))
     assert (first["n_train"], second["n_train"]) == (1500, 1200)
-    train_path.with_name("baseline.pkl").write_bytes(b"not a pickle")
+    train_path.with_name("baseline.safetensors").write_bytes(b"not safetensors")
     assert baseline.fitted(train_path, read_split(train_path))["n_train"] == 1200
+
+
+def test_the_cache_rebuilds_the_model_without_pickle(data_dir, tmp_path):
+    train_path = small_split(data_dir, tmp_path / "split", rows=1500)
+    fitted = baseline.fitted(train_path, read_split(train_path))
+    names = read_split(data_dir / "test.parquet").head(200)["product_name"].tolist() + ["", "🍌 Banana"]
+    labels = read_labels(data_dir / "labels.json")
+    loaded = baseline.load(train_path.parent)
+    assert {k: v for k, v in loaded.items() if k != "model"} == {k: v for k, v in fitted.items() if k != "model"}
+    assert np.array_equal(baseline.decision_matrix(loaded["model"], names, labels),
+                          baseline.decision_matrix(fitted["model"], names, labels))
+    assert list(loaded["model"].predict(names)) == list(fitted["model"].predict(names))
+    for path in train_path.parent.iterdir():
+        assert not path.read_bytes().startswith(b"\x80"), f"{path} is a pickle"

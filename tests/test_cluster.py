@@ -15,11 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.config import load_profile
+
 REPO = Path(__file__).resolve().parents[1]
 STATE = Path("/tmp/ct-slurm-test")  # short: unix socket paths are limited to 108 bytes
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 
 pytestmark = [
+    pytest.mark.cluster,
     pytest.mark.skipif(os.geteuid() != 0, reason="the dev cluster runs Slurm's daemons as root"),
     pytest.mark.skipif(shutil.which("slurmctld") is None,
                        reason="Slurm is not installed: run `slurm/dev-cluster.sh install` (make test does)"),
@@ -40,8 +43,9 @@ def cluster():
     subprocess.run([str(REPO / "slurm" / "dev-cluster.sh"), "stop", str(STATE)], env=env, check=True)
 
 
-def sbatch(env, *args) -> str:
-    done = subprocess.run(["sbatch", "--parsable", f"--chdir={REPO}", *args], capture_output=True, text=True,
+def sbatch(env, *args, chdir: Path = REPO) -> str:
+    """Submit from the checkout; the job itself starts in ``chdir``."""
+    done = subprocess.run(["sbatch", "--parsable", f"--chdir={chdir}", *args], capture_output=True, text=True,
                           env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().split(";")[0]
@@ -85,9 +89,11 @@ parameters:
 
 def test_sweep_runs_as_a_job_array_ranks_and_promotes(cluster, tmp_path, data_dir, base_model_path, catalog):
     sweep_dir = tmp_path / "sweep"
+    # Started outside the checkout: the driver finds the recipe, the cluster profile, the accelerate
+    # config and slurm/label_catalog.sh in the checkout, not in its working directory.
     driver = sbatch(cluster, f"--output={tmp_path}/driver-%j.out", "slurm/train_sweep.sh",
                     str(tiny_sweep(tmp_path, data_dir, steps=3, ranks=[4, 8])), "--output", str(sweep_dir),
-                    "--label-catalog", str(catalog), "--label-output", str(tmp_path / "labeled"))
+                    "--label-catalog", str(catalog), "--label-output", str(tmp_path / "labeled"), chdir=tmp_path)
     states = wait(cluster, driver)
     log = next(tmp_path.glob("driver-*.out")).read_text()
     assert states == {driver: "COMPLETED"}, log[-3000:]
@@ -178,7 +184,12 @@ def test_time_limit_signal_checkpoints_and_requeues(cluster, tmp_path, data_dir,
     resumed_at = assert_resumed_to_the_end(sweep_dir / "runs" / "tiny-000", steps)
     assert 5 <= resumed_at < steps
     log = "".join(p.read_text() for p in (sweep_dir / "submitit").glob("*_0_log.*"))
-    assert "this job is timed-out" in log  # submitit's time-limit path, not its preemption one
+    # The time-limit path: submitit's USR2 handler called TrainTask.checkpoint and requeued the task
+    # itself, spending one of the profile's max_timeouts (a `scontrol requeue` or a preemption's
+    # SIGTERM is only bypassed by submitit, and Slurm requeues the task).
+    assert "Calling checkpoint method." in log, log[-3000:]
+    max_timeouts = load_profile(REPO / "jobs" / "clusters" / "dev.yaml").max_timeouts
+    assert f"Requeued job {array_task} ({max_timeouts - 1} remaining timeouts)" in log, log[-3000:]
     assert f"stopped at step {resumed_at} of {steps} after a checkpoint" in log, log[-3000:]
 
 
@@ -228,3 +239,53 @@ def test_scrontab_entry_installs(cluster):
                           text=True)
     assert done.returncode == 0, done.stderr
     subprocess.run(["scrontab", "-r"], env=cluster, input="y\n", text=True)
+
+
+def leftover_processes(state: Path, *marks: str) -> list[str]:
+    """Live processes of the cluster at state: its slurmstepd and srun (found by SLURM_CONF in their
+    environment), or any whose command line mentions one of marks."""
+    conf = f"SLURM_CONF={state}/slurm.conf".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or ") Z " in (proc / "stat").read_text():  # zombies are dead
+                continue
+            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            comm = (proc / "comm").read_text().strip()
+            ours = conf in (proc / "environ").read_bytes().split(b"\0") and comm in ("slurmstepd", "srun")
+        except OSError:  # gone meanwhile
+            continue
+        if ours or any(mark in args for mark in marks):
+            found.append(f"{proc.name} {args}")
+    return found
+
+
+def test_stop_mid_sweep_leaves_no_process_and_start_comes_up_clean(cluster, tmp_path, data_dir, base_model_path):
+    sweep_dir = tmp_path / "sweep"
+    steps = 500  # still training when the cluster stops
+    driver = sbatch(cluster, f"--output={tmp_path}/driver-%j.out", "slurm/train_sweep.sh",
+                    str(tiny_sweep(tmp_path, data_dir, steps=steps, ranks=[4], save_steps=1000)),
+                    "--output", str(sweep_dir))
+    training_under_way(sweep_dir, steps)
+    assert leftover_processes(STATE, str(tmp_path))  # the check below sees the sweep while it runs
+    ports = {"CATALOG_TUNER_SLURM_PORT": "6917", "CATALOG_TUNER_SLURM_DB_PORT": "3317"}  # as the fixture's
+
+    started = time.time()
+    stop = subprocess.run([str(REPO / "slurm" / "dev-cluster.sh"), "stop", str(STATE)], capture_output=True,
+                          text=True, env={**cluster, **ports}, timeout=300)
+    assert stop.returncode == 0, stop.stderr
+    assert time.time() - started < 120, stop.stderr
+    assert leftover_processes(STATE, str(tmp_path)) == [], stop.stderr
+
+    start = subprocess.run([str(REPO / "slurm" / "dev-cluster.sh"), "start", str(STATE)], capture_output=True,
+                           text=True, env={**cluster, **ports}, timeout=300)
+    assert start.returncode == 0, start.stderr
+    queue = subprocess.run(["squeue", "-h"], capture_output=True, text=True, env=cluster, check=True).stdout
+    assert queue.strip() == ""
+    node = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, env=cluster,
+                          check=True).stdout
+    assert node.split() == ["idle"]
+    assert wait(cluster, driver, timeout=60)[driver].startswith("CANCELLED")  # accounting kept across the stop
+    job = sbatch(cluster, "--output=/dev/null", "--wrap", "sleep 1")
+    assert int(job) > int(driver)  # and the job id counter
+    assert wait(cluster, job, timeout=120) == {job: "COMPLETED"}
