@@ -25,7 +25,7 @@ slurm:
 
 test: install slurm
 	$(BIN)/ruff check pipeline tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The inner loop: everything but real training (marker slow) and the Slurm cluster (marker cluster).
 test-fast: install
