@@ -6,8 +6,9 @@
     GFLOP/s against a matmul peak measured in the same run.
 ``python -m pipeline.bench train --config RECIPE [--minutes M] [--stop-at A] [--eval-every K] [key=value ...]``
     trains a recipe for a fixed budget (of training time, evaluations excluded) and records
-    throughput (s/step, examples/s, tokens/s) and the accuracy curve on a fixed slice of test
-    (the first ``--eval-samples`` products), then the final metrics on the whole split;
+    throughput (s/step, examples/s, tokens/s) and the accuracy curve on a fixed slice of validation
+    (the first ``--eval-samples`` products; test where DATA_DIR has no validation rows), then the
+    final metrics on the whole test split;
     ``--stop-at`` ends it once a curve point reaches that accuracy.
 ``python -m pipeline.bench label-memory --adapter RUN_DIR --data DATA_DIR --rows 10000 100000``
     peak memory of ``catalog-tuner label`` on synthetic catalogs of growing size (one fresh
@@ -221,7 +222,7 @@ def bench_label_memory(adapter: Path, data: Path, sizes: list[int], new_fraction
 
 
 class AccuracyCurve(TrainerCallback):
-    """Times every optimizer step and, every K steps, scores a fixed test slice with the model being
+    """Times every optimizer step and, every K steps, scores a fixed validation slice with the model being
     trained. Evaluation time is kept out of ``train_seconds``, so recipes compare on training cost.
     Stops the training once ``budget_s`` of training time is spent, or once a curve point reaches
     ``stop_at`` accuracy (a time-to-accuracy run need not train on past its answer)."""
@@ -287,8 +288,10 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
     recipe = load_recipe(config, overrides)
     data_dir = ensure_prepared(recipe)
     labels = read_labels(data_dir / "labels.json")
-    test = read_split(data_dir / "test.parquet", labels).head(eval_samples)
-    curve = AccuracyCurve(test["product_name"].tolist(), test["department"].tolist(), labels, eval_every,
+    # The curve (and --stop-at) is a choice made during training: validation, never test, where there is one.
+    curve_split = "validation" if len(read_split(data_dir / "validation.parquet")) else "test"
+    held_out = read_split(data_dir / f"{curve_split}.parquet", labels).head(eval_samples)
+    curve = AccuracyCurve(held_out["product_name"].tolist(), held_out["department"].tolist(), labels, eval_every,
                           minutes * 60 if minutes else None, recipe.eval.batch_size, stop_at)
     started = time.time()
     metrics = train(recipe, run, evaluate_after=final_eval, callbacks=[curve])
@@ -319,7 +322,8 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
             "tokens_per_example": round(tokens / (metrics["train_steps"] * examples_per_step), 1) if tokens else None,
         },
         "train_seconds": round(curve.train_seconds, 1),
-        "eval_samples": len(test),
+        "curve_split": curve_split,
+        "eval_samples": len(held_out),
         "curve": curve.points,
         "time_to_accuracy": {str(a): first_reaching(curve.points, a) for a in thresholds},
         "final": {k: metrics[k] for k in final_keys if k in metrics},

@@ -29,6 +29,7 @@ def _prepare(args: argparse.Namespace) -> None:
         cfg = DataConfig(source=args.source)
     cfg.keep_missing = args.keep_missing
     cfg.join_order = args.join_order
+    cfg.validation_size = args.validation_size
     summary = prepare(cfg, args.out)
     print(json.dumps(summary, indent=1))
 
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--catalog", help="Parquet catalog with product_name and department columns")
     p.add_argument("--keep-missing", action="store_true", help="keep department 'missing' in train/test")
     p.add_argument("--join-order", choices=["product_id", "tutorial"], default="product_id")
+    p.add_argument("--validation-size", type=float, default=DataConfig.validation_size,
+                   help="share of the training rows held out for choices made after training (0: none)")
     p.add_argument("--out", required=True, help="DATA_DIR to write")
     p.set_defaults(func=_prepare)
 

@@ -43,6 +43,9 @@ class DataConfig:
     (pandas<2.2 merge order, the only one that reproduces the tutorial's published test rows)."""
     test_size: float = 0.2
     split_seed: int = 42
+    validation_size: float = 0.05
+    """Share of the labelled training rows held out as ``validation.parquet`` (stratified by label,
+    seeded by ``split_seed``) for every choice made after training; 0 keeps the tutorial's train."""
     max_train_samples: int | None = None
     """Use the first N rows of train.parquet (already shuffled by the split)."""
 

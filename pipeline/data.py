@@ -4,6 +4,9 @@
 
 - ``train.parquet`` / ``test.parquet``: the tutorial's split (``train_test_split(test_size=0.2,
   random_state=42)`` over the joined table), minus department 'missing' unless kept;
+- ``validation.parquet``: ``data.validation_size`` of the labelled training rows, stratified by
+  label, carved out of ``train.parquet``: curves, checkpoints and fitted weights are chosen on
+  it, so the test split stays for reporting (and stays exactly the tutorial's);
 - ``labels.json``: the label set, sorted, as the model scores it;
 - ``to_label.parquet``: the unlabelled products ('missing' or no department), a catalog for
   ``catalog-tuner label``;
@@ -196,9 +199,27 @@ def split(table: pd.DataFrame, test_size: float, seed: int) -> tuple[pd.DataFram
     return train.reset_index(drop=True), test.reset_index(drop=True)
 
 
+def carve_validation(train: pd.DataFrame, size: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
+    """(train without validation, validation, stratified?): ``size`` of the rows, stratified by
+    department where every department has two rows for it, else a plain seeded sample."""
+    rows = round(size * len(train))
+    if rows < 1:
+        return train, train.iloc[:0], False
+    counts = train["department"].value_counts()
+    stratify = train["department"] if counts.min() >= 2 and counts.size <= rows <= len(train) - counts.size else None
+    kept, validation = train_test_split(train, test_size=rows, random_state=seed, stratify=stratify)
+    return kept.reset_index(drop=True), validation.reset_index(drop=True), stratify is not None
+
+
 def ids_fingerprint(product_ids: Any) -> str:
     """Order-sensitive SHA-256 of a sequence of ids: pins a split across library versions."""
     return hashlib.sha256(",".join(map(str, product_ids)).encode()).hexdigest()
+
+
+def prepare_options(cfg: DataConfig) -> dict[str, Any]:
+    """The options that decide which rows land in which split: DATA_DIR is reused only for the same."""
+    return {"keep_missing": cfg.keep_missing, "join_order": cfg.join_order, "test_size": cfg.test_size,
+            "split_seed": cfg.split_seed, "validation_size": cfg.validation_size}
 
 
 def prepare(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
@@ -218,27 +239,31 @@ def prepare(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
             keep &= frame["department"] != MISSING_DEPARTMENT
         return frame.loc[keep].reset_index(drop=True)
 
-    train_out, test_out = labelled(train), labelled(test)
+    labelled_train, test_out = labelled(train), labelled(test)
+    train_out, validation_out, stratified = carve_validation(labelled_train, cfg.validation_size, cfg.split_seed)
     labels = sorted(set(train_out["department"]) | set(test_out["department"]))
     if len(labels) < 2:
         raise DataError(f"{source}: need at least 2 departments to learn, found {labels}")
 
     out.mkdir(parents=True, exist_ok=True)
     train_out.to_parquet(out / "train.parquet", index=False)
+    validation_out.to_parquet(out / "validation.parquet", index=False)
     test_out.to_parquet(out / "test.parquet", index=False)
     to_label.to_parquet(out / "to_label.parquet", index=False)
     (out / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
     summary = {
         "source": source,
-        "options": {"keep_missing": cfg.keep_missing, "join_order": cfg.join_order,
-                    "test_size": cfg.test_size, "split_seed": cfg.split_seed},
+        "options": prepare_options(cfg),
         "rows_joined": len(table),
         "dropped": drops,
         "split": {"train": len(train), "test": len(test)},
-        "held_out_unlabelled": {"train": len(train) - len(train_out), "test": len(test) - len(test_out)},
-        "written": {"train": len(train_out), "test": len(test_out), "to_label": len(to_label)},
+        "held_out_unlabelled": {"train": len(train) - len(labelled_train), "test": len(test) - len(test_out)},
+        "written": {"train": len(train_out), "validation": len(validation_out), "test": len(test_out),
+                    "to_label": len(to_label)},
         "labels": len(labels),
         "test_ids_sha256": ids_fingerprint(test["product_id"]),
+        "validation": {"size": cfg.validation_size, "rows": len(validation_out), "stratified": stratified,
+                       "ids_sha256": ids_fingerprint(validation_out["product_id"])},
     }
     (out / "prepare.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

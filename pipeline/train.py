@@ -29,7 +29,7 @@ from trl import SFTConfig, SFTTrainer
 
 from pipeline import tracking
 from pipeline.config import Recipe, save_recipe
-from pipeline.data import prepare, read_labels, read_split, to_prompt_completion
+from pipeline.data import prepare, prepare_options, read_labels, read_split, to_prompt_completion
 from pipeline.errors import STOP_FILE, ConfigError, DataError, TrainingInterrupted
 from pipeline.model import (
     fit_embeddings,
@@ -110,8 +110,7 @@ def ensure_prepared(recipe: Recipe) -> Path:
         prepare(recipe.data, data_dir)
     elif summary_path.is_file():
         options = json.loads(summary_path.read_text()).get("options", {})
-        wanted = {"keep_missing": recipe.data.keep_missing, "join_order": recipe.data.join_order,
-                  "test_size": recipe.data.test_size, "split_seed": recipe.data.split_seed}
+        wanted = prepare_options(recipe.data)
         differing = {k: (options.get(k), v) for k, v in wanted.items() if options.get(k) != v}
         if differing:
             raise DataError(f"{summary_path}: prepared with other options than the recipe's "

@@ -44,6 +44,7 @@ def test_train_benchmark_writes_its_json_schema(data_dir, base_model_path, tmp_p
     bench = json.loads(out.read_text())
     assert json.loads(result.stdout.strip().splitlines()[-1]) == bench
     assert bench["benchmark"] == "train" and bench["steps"] == 3 and bench["eval_samples"] == 20
+    assert bench["curve_split"] == "validation"  # a choice made during training never looks at test
     assert set(bench["throughput"]) == {"steps_timed", "seconds_per_step", "examples_per_s", "tokens_per_s",
                                         "tokens_per_example"}
     assert bench["throughput"]["seconds_per_step"] > 0 and bench["throughput"]["tokens_per_s"] > 0

@@ -56,7 +56,7 @@ def test_prepare_holds_missing_out_and_writes_it_to_label(data_dir):
     summary = json.loads((data_dir / "prepare.json").read_text())
     assert summary["split"] == {"train": 39_750, "test": 9_938}
     assert summary["held_out_unlabelled"] == {"train": 979, "test": 279}
-    assert summary["written"] == {"train": 38_771, "test": 9_659, "to_label": 1_258}
+    assert summary["written"] == {"train": 36_832, "validation": 1_939, "test": 9_659, "to_label": 1_258}
     labels = json.loads((data_dir / "labels.json").read_text())
     assert len(labels) == 20 and "missing" not in labels and labels == sorted(labels)
     to_label = pd.read_parquet(data_dir / "to_label.parquet")
@@ -65,9 +65,28 @@ def test_prepare_holds_missing_out_and_writes_it_to_label(data_dir):
 
 
 def test_keep_missing_keeps_all_rows(tmp_path):
-    summary = prepare(DataConfig(keep_missing=True), tmp_path)
-    assert summary["written"] == {"train": 39_750, "test": 9_938, "to_label": 0}
+    summary = prepare(DataConfig(keep_missing=True, validation_size=0), tmp_path)
+    assert summary["written"] == {"train": 39_750, "validation": 0, "test": 9_938, "to_label": 0}
     assert summary["labels"] == 21
+
+
+def test_validation_is_carved_from_train_stratified_and_stable(data_dir, tmp_path):
+    """Choices made after training see validation rows only: disjoint from train and test, the test
+    split still exactly the tutorial's, the same rows on every prepare."""
+    train, validation, test = (pd.read_parquet(data_dir / f"{p}.parquet") for p in ("train", "validation", "test"))
+    ids = [set(frame["product_id"]) for frame in (train, validation, test)]
+    assert ids[0].isdisjoint(ids[1]) and ids[1].isdisjoint(ids[2]) and ids[0].isdisjoint(ids[2])
+    summary = json.loads((data_dir / "prepare.json").read_text())
+    assert summary["test_ids_sha256"] != summary["validation"]["ids_sha256"]
+    _, tutorial_test = split(join_products(*embedded_catalog()[:2], embedded_catalog()[2])[0], 0.2, 42)
+    assert ids_fingerprint(tutorial_test["product_id"]) == TEST_IDS_SHA256["product_id"] == summary["test_ids_sha256"]
+    assert summary["validation"]["stratified"] is True
+    shares = pd.concat({"train": train["department"].value_counts(normalize=True),
+                        "validation": validation["department"].value_counts(normalize=True)}, axis=1)
+    assert (shares["train"] - shares["validation"]).abs().max() < 0.002  # every department in proportion
+    again = prepare(DataConfig(), tmp_path)
+    assert again["validation"]["ids_sha256"] == summary["validation"]["ids_sha256"]
+    assert pd.read_parquet(tmp_path / "validation.parquet").equals(validation)
 
 
 def test_prompt_format():
