@@ -92,7 +92,7 @@ def ensemble_cross_fitted(log_probs: torch.Tensor, decisions: torch.Tensor, trut
 def analyze_errors(run: Path, train_samples: int = 0, ensemble: bool = False) -> dict[str, Any]:
     """Where a finished run's test predictions and the classical baseline's agree and differ."""
     recipe = run_recipe(run)
-    predictions = pd.read_parquet(run / "eval_predictions.parquet")
+    predictions = pd.read_parquet(run / "predictions_test.parquet")
     data_dir = Path(recipe.data.dir)
     train = read_split(data_dir / "train.parquet")
     svm = baseline.fitted(data_dir / "train.parquet", train)["model"]

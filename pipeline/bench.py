@@ -302,6 +302,7 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
     history = json.loads((run / "train_log.json").read_text())
     tokens = max((h.get("num_tokens", 0) for h in history), default=0)
     final_keys = ("accuracy", "macro_f1", "n_eval", "baseline", "majority_class", "per_label")
+    splits = [split for split in recipe.eval.splits if isinstance(metrics.get(split), dict)]
     return {
         "benchmark": "train",
         "command": command_line(),
@@ -326,7 +327,7 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
         "eval_samples": len(held_out),
         "curve": curve.points,
         "time_to_accuracy": {str(a): first_reaching(curve.points, a) for a in thresholds},
-        "final": {k: metrics[k] for k in final_keys if k in metrics},
+        "final": {split: {k: metrics[split][k] for k in final_keys if k in metrics[split]} for split in splits},
     }
 
 
@@ -345,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, help="stop after this much training time (evaluations excluded)")
     p.add_argument("--eval-every", type=int, default=100, help="steps between curve points (0: none)")
     p.add_argument("--eval-samples", type=int, default=1000)
-    p.add_argument("--no-final-eval", action="store_true", help="skip the evaluation on the whole test split")
+    p.add_argument("--no-final-eval", action="store_true",
+                   help="skip the final evaluation (the recipe's eval.splits, whole splits)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.8])
     p.add_argument("--stop-at", type=float, help="stop once a curve point reaches this accuracy")
     p.add_argument("--output", help="also write the JSON here")

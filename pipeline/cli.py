@@ -40,8 +40,9 @@ def _train(args: argparse.Namespace) -> None:
 
     recipe = load_recipe(args.config, args.overrides)
     metrics = train(recipe, args.output, evaluate_after=not args.no_eval)
-    if "accuracy" in metrics:
-        print(format_per_label(metrics), format_table(metrics), sep="\n\n")
+    for split in recipe.eval.splits:
+        if split in metrics:
+            print(format_per_label(metrics[split]), format_table(metrics, split), sep="\n\n", end="\n\n")
     print(f"run directory: {args.output}")
 
 
@@ -50,8 +51,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     from pipeline.predict import run_recipe
 
     recipe = run_recipe(args.run, args.overrides)
-    metrics = evaluate(args.run, args.data, recipe)
-    print(format_per_label(metrics), format_table(metrics), sep="\n\n")
+    data = Path(args.data) if args.data else Path(recipe.data.dir) / "test.parquet"
+    metrics = evaluate(args.run, data, recipe)
+    print(format_per_label(metrics[data.stem]), format_table(metrics, data.stem), sep="\n\n")
 
 
 def _sweep(args: argparse.Namespace) -> int:

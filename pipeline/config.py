@@ -108,13 +108,16 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 64
     max_samples: int | None = None
-    """Evaluate on the first N test rows (None: all)."""
+    """Evaluate on the first N rows of each split (None: all)."""
     scorer: str = "auto"
     """``auto`` (first-token when the labels allow it), ``first_token`` or ``full``."""
     dtype: str = "auto"
     """Inference dtype: ``auto`` is fp32 on CPU (3x faster than bf16 here), bf16 on CUDA."""
     baseline: bool = True
     """Report the TF-IDF + linear SVM baseline (``pipeline.baseline``) fitted on the same split."""
+    splits: list[str] = field(default_factory=lambda: ["validation", "test"])
+    """Splits of DATA_DIR scored after training, each a block of metrics.json. A sweep's tasks score
+    validation only; the driver scores the promoted run on test, once."""
 
 
 @dataclass

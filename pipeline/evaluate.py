@@ -1,5 +1,9 @@
 """Evaluation of a run on a labelled split: accuracy, macro-F1, per-label report, confusion matrix.
 
+Each split gets its own block in RUN_DIR/metrics.json, named after the split's file
+(``validation``, ``test``): runs are compared and chosen on ``validation``; ``test`` is for
+reporting the chosen one.
+
 Every figure comes with the majority-class line (always predict the most frequent training
 department) and the classical baseline (``pipeline.baseline``: TF-IDF + linear SVM fitted on the
 same training split), so a reader sees at once what the adapter adds over guessing and whether it
@@ -76,30 +80,31 @@ def plot_confusion(truth: list[str], predicted: list[str], labels: list[str], pa
     plt.close(fig)
 
 
-def format_table(metrics: dict[str, Any]) -> str:
-    """The console summary: model vs majority class."""
-    base = metrics["majority_class"]
+def format_table(metrics: dict[str, Any], split: str) -> str:
+    """The console summary of one split: the adapter against the majority class and the baseline."""
+    block = metrics[split]
+    base = block["majority_class"]
     runtime = metrics.get("train_runtime_s")
+    n = str(block["n_eval"])
     rows = [
-        ("", "accuracy", "macro-F1", "n", "train time"),
-        ("adapter", f"{metrics['accuracy']:.4f}", f"{metrics['macro_f1']:.4f}", str(metrics["n_eval"]),
+        (f"{split} split", "accuracy", "macro-F1", "n", "train time"),
+        ("adapter", f"{block['accuracy']:.4f}", f"{block['macro_f1']:.4f}", n,
          f"{runtime / 60:.1f} min" if runtime is not None else "-"),
-        (f"majority ({base['label']})", f"{base['accuracy']:.4f}", f"{base['macro_f1']:.4f}",
-         str(metrics["n_eval"]), "-"),
+        (f"majority ({base['label']})", f"{base['accuracy']:.4f}", f"{base['macro_f1']:.4f}", n, "-"),
     ]
-    if "baseline" in metrics:
-        b = metrics["baseline"]
-        rows.append((f"baseline ({b['name']})", f"{b['accuracy']:.4f}", f"{b['macro_f1']:.4f}",
-                     str(metrics["n_eval"]), f"{b['fit_seconds'] / 60:.1f} min"))
+    if "baseline" in block:
+        b = block["baseline"]
+        rows.append((f"baseline ({b['name']})", f"{b['accuracy']:.4f}", f"{b['macro_f1']:.4f}", n,
+                     f"{b['fit_seconds'] / 60:.1f} min"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
-def format_per_label(metrics: dict[str, Any]) -> str:
-    """Per-department precision / recall / F1, worst F1 first."""
-    rows = sorted(metrics["per_label"].items(), key=lambda item: item[1]["f1-score"])
+def format_per_label(block: dict[str, Any]) -> str:
+    """Per-department precision / recall / F1 of one split's block, worst F1 first."""
+    rows = sorted(block["per_label"].items(), key=lambda item: item[1]["f1-score"])
     width = max(len(label) for label, _ in rows)
-    base = metrics.get("baseline", {}).get("per_label_f1", {})
+    base = block.get("baseline", {}).get("per_label_f1", {})
     lines = [f"{'department'.ljust(width)}  precision  recall  f1      support" + ("  baseline f1" if base else "")]
     lines += [f"{label.ljust(width)}  {m['precision']:<9.3f}  {m['recall']:<6.3f}  {m['f1-score']:<6.3f}  "
               f"{int(m['support']):<7}" + (f"  {base.get(label, 0.0):.3f}" if base else "") for label, m in rows]
@@ -108,26 +113,28 @@ def format_per_label(metrics: dict[str, Any]) -> str:
 
 def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: Recipe | None = None,
              progress: bool = True) -> dict[str, Any]:
-    """Score a split with the run's adapter and merge the results into RUN_DIR/metrics.json."""
+    """Score a labelled split with the run's adapter; record it as the block of RUN_DIR/metrics.json
+    named after the split file (``test`` by default), with the split's predictions and confusion matrix."""
     run = Path(run_dir)
     recipe = recipe or run_recipe(run)
     labels = read_labels(run / "labels.json")
     data_path = Path(data_path) if data_path else Path(recipe.data.dir) / "test.parquet"
-    test = read_split(data_path, labels)
+    split = data_path.stem
+    rows = read_split(data_path, labels)
     if recipe.eval.max_samples:
-        test = test.head(recipe.eval.max_samples)
+        rows = rows.head(recipe.eval.max_samples)
     train_path = data_path.with_name("train.parquet")
     train = read_split(train_path) if train_path.is_file() else None
-    train_departments = train["department"] if train is not None else test["department"]
+    train_departments = train["department"] if train is not None else rows["department"]
 
     predictor = Predictor.from_run(run, recipe)
     start = time.perf_counter()
-    prediction = predictor.predict(test["product_name"].tolist(), progress)
+    prediction = predictor.predict(rows["product_name"].tolist(), progress)
     seconds = time.perf_counter() - start
 
-    truth = test["department"].tolist()
-    metrics = classification_metrics(truth, prediction.labels, labels)
-    metrics.update(
+    truth = rows["department"].tolist()
+    block = classification_metrics(truth, prediction.labels, labels)
+    block.update(
         eval_data=str(data_path),
         scorer=predictor.scorer,
         eval_runtime_s=round(seconds, 2),
@@ -135,14 +142,14 @@ def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: R
         majority_class=majority_baseline(train_departments, truth, labels),
     )
     if recipe.eval.baseline and train is not None:
-        metrics["baseline"] = baseline_metrics(train_path, train, test, labels)
-    plot_confusion(truth, prediction.labels, labels, run / "confusion_matrix.png")
-    test.assign(predicted=prediction.labels, confidence=prediction.confidences).to_parquet(
-        run / "eval_predictions.parquet", index=False
+        block["baseline"] = baseline_metrics(train_path, train, rows, labels)
+    plot_confusion(truth, prediction.labels, labels, run / f"confusion_matrix_{split}.png")
+    rows.assign(predicted=prediction.labels, confidence=prediction.confidences).to_parquet(
+        run / f"predictions_{split}.parquet", index=False
     )
 
     metrics_path = run / "metrics.json"
-    previous = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    merged = {**previous, **metrics}
-    metrics_path.write_text(json.dumps(merged, indent=1) + "\n")
-    return merged
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics[split] = block
+    metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")
+    return metrics

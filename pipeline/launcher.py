@@ -66,6 +66,37 @@ def train_command(recipe: str | Path, overrides: list[str], run_dir: str | Path,
     ]
 
 
+def evaluate_command(run_dir: str | Path, data: str | Path, profile: ClusterProfile) -> list[str]:
+    """The command that scores a finished run on one split: [apptainer exec ...] python -m pipeline evaluate."""
+    python = "python" if profile.container_image else sys.executable
+    return [*container_prefix(profile), python, "-m", "pipeline", "evaluate", "--run", str(run_dir), "--data",
+            str(data)]
+
+
+def task_environment(profile: ClusterProfile, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a task's subprocess, with its CPU share as its thread count.
+
+    Without cgroups nothing stops each process from starting one thread per core of the node;
+    several tasks on one node then spin against each other (40x slower steps seen here).
+    """
+    env = {**os.environ, **(extra or {})}
+    env.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", str(profile.cpus_per_task)))
+    return env
+
+
+class EvaluateTask:
+    """Score a finished run on one split as a job of its own: the sweep driver loads no model."""
+
+    def __init__(self, profile: ClusterProfile) -> None:
+        self.profile = profile
+
+    def __call__(self, run_dir: str, data: str) -> dict[str, Any]:
+        code = subprocess.run(evaluate_command(run_dir, data, self.profile), env=task_environment(self.profile))
+        if code.returncode != 0:
+            raise RuntimeError(f"evaluating {run_dir} on {data} exited with code {code.returncode}")
+        return json.loads((Path(run_dir) / "metrics.json").read_text())[Path(data).stem]
+
+
 class TrainTask(submitit.helpers.Checkpointable):
     """One sweep configuration, as a submitit task."""
 
@@ -81,11 +112,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         run.mkdir(parents=True, exist_ok=True)
         command = train_command(self.recipe, overrides, run, self.accelerate_config, self.profile)
         (run / "command.txt").write_text(shlex.join(command) + "\n")
-        env = {**os.environ, **self.env, "WANDB_NAME": name}
-        # Without cgroups nothing stops each process from starting one thread per core of the node;
-        # several tasks on one node then spin against each other (40x slower steps seen here).
-        env.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", str(self.profile.cpus_per_task)))
-        code = subprocess.run(command, env=env).returncode
+        code = subprocess.run(command, env=task_environment(self.profile, {**self.env, "WANDB_NAME": name})).returncode
         if code in INTERRUPTED_CODES:
             # Slurm is requeuing (or cancelling) this job and kills it within KillWait; writing a
             # failed result now would make the driver give up on a run that is about to resume.

@@ -7,7 +7,8 @@ configurations at once as a submitit ``map_array`` (one Slurm array). Runs still
 
 SWEEP_DIR holds ``sweep.json`` (the expanded configurations), ``runs/<name>/`` (one run
 directory each), ``submitit/`` (task logs), ``wandb/``, ``leaderboard.{csv,md,png}``,
-``promoted`` (a link to the best run directory) and ``promoted.json`` (which, on what metric, why).
+``promoted`` (a link to the run best on validation) and ``promoted.json`` (which, on what metric, why, and
+its test figure: the promoted run is the only one scored on test, once, after the choice).
 """
 
 from __future__ import annotations
@@ -134,17 +135,26 @@ def sweep_id(spec: SweepSpec, recipe_path: str, configs: list[dict[str, Any]]) -
 
 def leaderboard(sweep_dir: Path, names: list[str], configs: list[dict[str, Any]], metric: str, goal: str,
                 logs: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Rank finished runs on ``metric``; unfinished ones follow with their log path."""
+    """Rank finished runs on their validation ``metric``; unfinished ones follow with their log path.
+
+    A run's test figure, where it has one (only the promoted run is scored on test), is shown beside
+    it but never read for the ranking.
+    """
     rows = []
     for name, config in zip(names, configs):
         metrics_path = sweep_dir / "runs" / name / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-        rows.append({"run": name, metric: metrics.get(metric), "macro_f1": metrics.get("macro_f1"),
-                     "n_eval": metrics.get("n_eval"), "train_runtime_s": metrics.get("train_runtime_s"),
-                     f"baseline_{metric}": metrics.get("baseline", {}).get(metric),
-                     "status": "ok" if metric in metrics else "failed",
+        validation, test = metrics.get("validation", {}), metrics.get("test", {})
+        rows.append({"run": name, f"validation_{metric}": validation.get(metric),
+                     f"baseline_validation_{metric}": validation.get("baseline", {}).get(metric),
+                     "n_validation": validation.get("n_eval"), f"test_{metric}": test.get(metric),
+                     f"baseline_test_{metric}": test.get("baseline", {}).get(metric),
+                     "train_runtime_s": metrics.get("train_runtime_s"),
+                     "status": "ok" if metric in validation else "failed",
                      "log": (logs or {}).get(name, ""), **config})
-    finished = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r[metric], reverse=goal == "maximize")
+    ranked_on = f"validation_{metric}"
+    finished = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r[ranked_on],
+                      reverse=goal == "maximize")
     ranked = finished + [r for r in rows if r["status"] != "ok"]
     for rank, row in enumerate(ranked, 1):
         row["rank"] = rank if row["status"] == "ok" else None
@@ -153,7 +163,9 @@ def leaderboard(sweep_dir: Path, names: list[str], configs: list[dict[str, Any]]
 
 
 def _write_leaderboard(sweep_dir: Path, rows: list[dict[str, Any]], metric: str) -> None:
-    columns = ["rank", "run", "status", metric, f"baseline_{metric}", "macro_f1", "n_eval", "train_runtime_s"]
+    ranked_on, baseline = f"validation_{metric}", f"baseline_validation_{metric}"
+    columns = ["rank", "run", "status", ranked_on, baseline, "n_validation", f"test_{metric}",
+               f"baseline_test_{metric}", "train_runtime_s"]
     columns += [k for k in rows[0] if k not in columns and k != "log"] + ["log"]
     with open(sweep_dir / "leaderboard.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -163,9 +175,9 @@ def _write_leaderboard(sweep_dir: Path, rows: list[dict[str, Any]], metric: str)
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join("" if r.get(c) is None else f"{r[c]:.4g}" if isinstance(r.get(c), float)
                                 else str(r[c]) for c in shown) + " |" for r in rows]
-    baselines = {r[f"baseline_{metric}"] for r in rows if r.get(f"baseline_{metric}") is not None}
-    if baselines:
-        lines += ["", f"baseline_{metric}: the TF-IDF + linear SVM baseline on each run's own test rows."]
+    baselines = {r[baseline] for r in rows if r.get(baseline) is not None}
+    lines += ["", f"Ranked on {ranked_on}; test_{metric} is scored once, for the promoted run only. "
+              f"baseline_*: the TF-IDF + linear SVM baseline on the same rows."]
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["", "Failed runs:"] + [f"- {r['run']}: {r['log']}" for r in failed]
@@ -178,20 +190,20 @@ def _write_leaderboard(sweep_dir: Path, rows: list[dict[str, Any]], metric: str)
 
     finished = [r for r in rows if r["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(6, 0.4 * max(3, len(finished)) + 1))
-    ax.barh([r["run"] for r in finished][::-1], [r[metric] for r in finished][::-1], color="tab:blue")
+    ax.barh([r["run"] for r in finished][::-1], [r[ranked_on] for r in finished][::-1], color="tab:blue")
     for value in sorted(baselines):
         ax.axvline(value, color="tab:gray", linestyle="--", label="TF-IDF + linear SVM")
     if baselines:
         ax.legend(loc="lower right")
-    ax.set_xlabel(metric)
-    ax.set_title(f"{sweep_dir.name}: {metric} per configuration")
+    ax.set_xlabel(ranked_on)
+    ax.set_title(f"{sweep_dir.name}: validation {metric} per configuration")
     fig.tight_layout()
     fig.savefig(sweep_dir / "leaderboard.png", dpi=110)
     plt.close(fig)
 
 
 def promote(sweep_dir: Path, ranked: list[dict[str, Any]], metric: str, goal: str) -> dict[str, Any] | None:
-    """Point SWEEP_DIR/promoted at the best run and record why."""
+    """Point SWEEP_DIR/promoted at the run best on validation and record why."""
     if not ranked or ranked[0]["status"] != "ok":
         return None
     best = ranked[0]
@@ -201,14 +213,26 @@ def promote(sweep_dir: Path, ranked: list[dict[str, Any]], metric: str, goal: st
     tmp.symlink_to(Path("runs") / best["run"])
     os.replace(tmp, link)  # atomic: a labeling job never sees a missing link
     finished = [r for r in ranked if r["status"] == "ok"]
+    ranked_on = f"validation_{metric}"
     decision = {"run": best["run"], "run_dir": str((sweep_dir / "runs" / best["run"]).resolve()),
-                "metric": metric, "goal": goal, "value": best[metric],
-                "reason": f"best {metric} ({goal}) of {len(finished)} finished runs"
-                          + (f"; runner-up {finished[1]['run']} at {finished[1][metric]:.4f}" if len(finished) > 1
-                             else ""),
+                "metric": metric, "goal": goal, "ranked_on": "validation", "value": best[ranked_on],
+                "reason": f"best validation {metric} ({goal}) of {len(finished)} finished runs"
+                          + (f"; runner-up {finished[1]['run']} at {finished[1][ranked_on]:.4f}"
+                             if len(finished) > 1 else ""),
                 "failed_runs": [r["run"] for r in ranked if r["status"] != "ok"]}
-    (sweep_dir / "promoted.json").write_text(json.dumps(decision, indent=1) + "\n")
+    write_decision(sweep_dir, decision)
     return decision
+
+
+def write_decision(sweep_dir: Path, decision: dict[str, Any]) -> None:
+    (sweep_dir / "promoted.json").write_text(json.dumps(decision, indent=1) + "\n")
+
+
+def summarize_test(block: dict[str, Any]) -> dict[str, Any]:
+    """The promoted run's test figures, as promoted.json reports them beside its validation figure."""
+    baseline = block.get("baseline", {})
+    return {"accuracy": block["accuracy"], "macro_f1": block["macro_f1"], "n_eval": block["n_eval"],
+            "baseline_accuracy": baseline.get("accuracy"), "baseline_macro_f1": baseline.get("macro_f1")}
 
 
 # --- the driver --------------------------------------------------------------------------------
@@ -218,7 +242,7 @@ def run_sweep(sweep_path: str, recipe_path: str, output: str, executor_kind: str
               profile_path: str | None = None, profile_overrides: list[str] | None = None,
               label_catalog: str | None = None, label_output: str | None = None) -> dict[str, Any]:
     """Expand, submit as one array, wait, rank, promote; optionally queue the labeling job."""
-    from pipeline.launcher import TrainTask, make_executor
+    from pipeline.launcher import EvaluateTask, TrainTask, make_executor
 
     spec = load_sweep(sweep_path)
     recipe_path = str(shipped_file(recipe_path, what="recipe file"))  # the tasks may start elsewhere
@@ -226,7 +250,9 @@ def run_sweep(sweep_path: str, recipe_path: str, output: str, executor_kind: str
     if not configs:
         raise ConfigError(f"{sweep_path}: the sweep expands to no configuration")
     for config in configs:  # fail on a typo now, not in every array task
-        load_recipe(recipe_path, as_overrides(config))
+        if load_recipe(recipe_path, as_overrides(config)).data.validation_size <= 0:
+            raise ConfigError(f"{recipe_path}: a sweep ranks its runs on validation, and data.validation_size "
+                              f"is 0 for {config or 'the recipe'}; set it above 0")
     recipe = load_recipe(recipe_path)
     profile = load_profile(profile_path or "jobs/clusters/dev.yaml", profile_overrides)
     group = f"{spec.name}-{sweep_id(spec, recipe_path, configs)}"
@@ -240,7 +266,9 @@ def run_sweep(sweep_path: str, recipe_path: str, output: str, executor_kind: str
     env = {"WANDB_RUN_GROUP": group, "WANDB_DIR": str(sweep_dir), "WANDB_JOB_TYPE": "train",
            "WANDB_PROJECT": recipe.tracking.project, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     task = TrainTask(recipe_path, recipe.launch.accelerate_config, profile, env)
-    overrides = [as_overrides(c) + ["tracking.wandb=true", f"tracking.group={group}"] for c in configs]
+    # Tasks score validation only: the test split is for the one run the driver promotes.
+    overrides = [as_overrides(c) + ["tracking.wandb=true", f"tracking.group={group}", "eval.splits=[validation]"]
+                 for c in configs]
     executor = make_executor(executor_kind, sweep_dir / "submitit", profile, f"sweep-{spec.name}")
     jobs = executor.map_array(task, names, overrides, [str(sweep_dir / "runs" / n) for n in names])
     log.info("submitted %d runs of sweep %s as %s", len(jobs), group, jobs[0].job_id.split("_")[0])
@@ -255,9 +283,22 @@ def run_sweep(sweep_path: str, recipe_path: str, output: str, executor_kind: str
                       job.paths.stdout)
     ranked = leaderboard(sweep_dir, names, configs, spec.metric, spec.goal, logs)
     decision = promote(sweep_dir, ranked, spec.metric, spec.goal)
+    if decision:
+        # The one look at test: the promoted run, scored as a job of its own (this driver loads no model).
+        run_dir = sweep_dir / "runs" / decision["run"]
+        test_data = Path(load_recipe(run_dir / "config.yaml").data.dir) / "test.parquet"
+        job = executor.submit(EvaluateTask(profile), str(run_dir), str(test_data))
+        try:
+            decision["test"] = summarize_test(job.result())
+        except Exception as exc:  # the promotion stands; say why its test figure is missing
+            decision["test"] = None
+            decision["test_error"] = f"{str(exc).splitlines()[-1] if str(exc) else exc}; log: {job.paths.stdout}"
+            log.error("scoring %s on test failed: %s", decision["run"], decision["test_error"])
+        ranked = leaderboard(sweep_dir, names, configs, spec.metric, spec.goal, logs)
+        write_decision(sweep_dir, decision)
     if decision and label_catalog:
         decision["label_job"] = submit_labeling(sweep_dir / "promoted", label_catalog, label_output)
-        (sweep_dir / "promoted.json").write_text(json.dumps(decision, indent=1) + "\n")
+        write_decision(sweep_dir, decision)
     return {"sweep_dir": str(sweep_dir), "group": group, "ranked": ranked, "promoted": decision}
 
 

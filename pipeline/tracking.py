@@ -37,7 +37,7 @@ def report_to(recipe: Recipe, run_dir: Path) -> list[str]:
 def log_final_metrics(metrics: dict[str, Any], recipe: Recipe) -> None:
     """Add the resolved recipe and the evaluation's figures to the W&B run, then close it.
 
-    The Trainer logs training only; the sweep dashboard ranks on held-out accuracy.
+    The Trainer logs training only; the sweep dashboard ranks on validation accuracy.
     """
     if "wandb" not in sys.modules:
         return
@@ -46,5 +46,11 @@ def log_final_metrics(metrics: dict[str, Any], recipe: Recipe) -> None:
     if wandb.run is None:
         return
     wandb.run.config.update({"recipe": recipe.to_dict()}, allow_val_change=True)
-    wandb.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
+    summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    for split, block in metrics.items():  # "validation/accuracy", "test/baseline_macro_f1", ...
+        if isinstance(block, dict) and "accuracy" in block:
+            summary.update({f"{split}/{k}": block[k] for k in ("accuracy", "macro_f1", "n_eval")})
+            if "baseline" in block:
+                summary.update({f"{split}/baseline_{k}": block["baseline"][k] for k in ("accuracy", "macro_f1")})
+    wandb.run.summary.update(summary)
     wandb.finish()

@@ -298,7 +298,12 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
     if evaluate_after:
         from pipeline.evaluate import evaluate
 
-        metrics = evaluate(run, data_dir / "test.parquet", recipe)
+        for split in recipe.eval.splits:
+            path = data_dir / f"{split}.parquet"
+            if split == "validation" and not len(read_split(path)):
+                log.warning("%s has no rows (data.validation_size=0): not scored", path)
+                continue
+            metrics = evaluate(run, path, recipe)
     tracking.log_final_metrics(metrics, recipe)
     return metrics
 

@@ -28,16 +28,16 @@ def test_errors_split_the_test_rows_between_model_and_baseline(adapter_run, tmp_
     shutil.copytree(adapter_run, run)
     metrics = evaluate(run, recipe=run_recipe(run, ["eval.max_samples=40"]), progress=False)
     errors = analyze_errors(run, train_samples=16, ensemble=True)
-    assert errors["test_products"] == 40 and errors["model_accuracy"] == round(metrics["accuracy"], 4)
-    assert errors["baseline_accuracy"] == round(metrics["baseline"]["accuracy"], 4)
-    predictions = pd.read_parquet(run / "eval_predictions.parquet")
+    assert errors["test_products"] == 40 and errors["model_accuracy"] == round(metrics["test"]["accuracy"], 4)
+    assert errors["baseline_accuracy"] == round(metrics["test"]["baseline"]["accuracy"], 4)
+    predictions = pd.read_parquet(run / "predictions_test.parquet")
     model_right = int((predictions["predicted"] == predictions["department"]).sum())
     told = errors["telling_word_names_the_truth"]
     assert told["both_right"]["rows"] + told["model_only_right"]["rows"] == model_right
     assert all(0 <= told[k]["told"] <= told[k]["rows"] for k in ("both_right", "neither_right"))
     assert 0 <= errors["ensemble"]["accuracy"] <= 1 and len(errors["ensemble"]["weights_chosen"]) == 2
     assert errors["train_fit"]["train_products"] == 16 and 0 <= errors["train_fit"]["model_accuracy"] <= 1
-    assert errors["config"]["data"]["dir"] == metrics["eval_data"].rsplit("/", 1)[0]
+    assert errors["config"]["data"]["dir"] == metrics["test"]["eval_data"].rsplit("/", 1)[0]
 
 
 def test_ensemble_weight_is_chosen_on_the_other_half():

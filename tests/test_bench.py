@@ -51,7 +51,8 @@ def test_train_benchmark_writes_its_json_schema(data_dir, base_model_path, tmp_p
     assert [p["step"] for p in bench["curve"]] == [2, 3]
     assert all({"examples", "train_seconds", "accuracy", "macro_f1", "eval_seconds"} <= set(p) for p in bench["curve"])
     assert set(bench["time_to_accuracy"]) == {"0.8"}
-    assert bench["final"]["n_eval"] == 20 and "accuracy" in bench["final"]["baseline"]
+    assert {split: bench["final"][split]["n_eval"] for split in bench["final"]} == {"validation": 20, "test": 20}
+    assert "accuracy" in bench["final"]["test"]["baseline"]
     assert "--eval-every 2" in bench["command"]
     assert bench["config"]["train"]["max_steps"] == 3 and bench["config"]["lora"]["target_modules"] == ["q_proj",
                                                                                                       "v_proj"]

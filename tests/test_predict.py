@@ -27,7 +27,7 @@ def test_evaluate_label_and_bench_agree_on_200_test_products(adapter_run, data_d
     run = tmp_path / "run"
     shutil.copytree(adapter_run, run)
     metrics = evaluate(run, data_dir / "test.parquet", run_recipe(run, ["eval.max_samples=200"]), progress=False)
-    evaluated = pd.read_parquet(run / "eval_predictions.parquet")
+    evaluated = pd.read_parquet(run / "predictions_test.parquet")
     catalog = tmp_path / "catalog.parquet"
     pq.write_table(pa.table({"product_id": evaluated["product_id"], "product_name": evaluated["product_name"]}),
                    catalog)
@@ -36,7 +36,7 @@ def test_evaluate_label_and_bench_agree_on_200_test_products(adapter_run, data_d
     assert len(evaluated) == 200 and labeled["department"].tolist() == evaluated["predicted"].tolist()
     assert labeled["department_confidence"].to_numpy() == pytest.approx(evaluated["confidence"].to_numpy(), abs=1e-5)
     bench = bench_label(run, data_dir, 200, 0, batch_size=32)
-    assert bench["labeler"]["accuracy"] == round(metrics["accuracy"], 4)
+    assert bench["labeler"]["accuracy"] == round(metrics["test"]["accuracy"], 4)
 
 
 def test_a_promoted_link_is_a_run_directory(adapter_run, tmp_path):

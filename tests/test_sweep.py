@@ -77,20 +77,24 @@ def test_bad_sweeps_are_rejected(tmp_path, text, message):
         _spec(tmp_path, text)
 
 
+def _block(accuracy: float) -> dict:
+    return {"accuracy": accuracy, "macro_f1": accuracy - 0.1, "n_eval": 100,
+            "baseline": {"name": "tfidf+linear-svm", "accuracy": 0.8, "macro_f1": 0.7}}
+
+
 def test_leaderboard_ranks_lists_failures_and_promotes(tmp_path):
     names = ["s-000", "s-001", "s-002"]
     for name, accuracy in (("s-000", 0.71), ("s-002", 0.83)):
         (tmp_path / "runs" / name).mkdir(parents=True)
         (tmp_path / "runs" / name / "metrics.json").write_text(json.dumps(
-            {"accuracy": accuracy, "macro_f1": accuracy - 0.1, "n_eval": 100, "train_runtime_s": 5.0,
-             "baseline": {"name": "tfidf+linear-svm", "accuracy": 0.8, "macro_f1": 0.7}}))
+            {"train_runtime_s": 5.0, "validation": _block(accuracy)}))
     configs = [{"lora.r": 4}, {"lora.r": 8}, {"lora.r": 16}]
     ranked = leaderboard(tmp_path, names, configs, "accuracy", "maximize", {"s-001": "/logs/s-001.out"})
     assert [(r["run"], r["rank"], r["status"]) for r in ranked] == [
         ("s-002", 1, "ok"), ("s-000", 2, "ok"), ("s-001", None, "failed")]
     assert "s-001: /logs/s-001.out" in (tmp_path / "leaderboard.md").read_text()
     csv_lines = (tmp_path / "leaderboard.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("rank,run,status,accuracy,baseline_accuracy,")
+    assert csv_lines[0].startswith("rank,run,status,validation_accuracy,baseline_validation_accuracy,")
     assert csv_lines[1].startswith("1,s-002,ok,0.83,0.8,")  # the model next to the classical baseline
     assert (tmp_path / "leaderboard.png").stat().st_size > 0
     decision = promote(tmp_path, ranked, "accuracy", "maximize")
@@ -99,6 +103,20 @@ def test_leaderboard_ranks_lists_failures_and_promotes(tmp_path):
     assert json.loads((tmp_path / "promoted.json").read_text())["run"] == "s-002"
     ranked = leaderboard(tmp_path, names, configs, "accuracy", "minimize")
     assert ranked[0]["run"] == "s-000"
+
+
+def test_the_validation_winner_is_promoted_when_test_disagrees(tmp_path):
+    """Selection never reads test: a run that would win on test but loses on validation stays second."""
+    names, configs = ["a", "b"], [{"lora.r": 4}, {"lora.r": 8}]
+    for name, validation, test in (("a", 0.80, 0.90), ("b", 0.85, 0.70)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "metrics.json").write_text(json.dumps(
+            {"validation": _block(validation), "test": _block(test)}))
+    ranked = leaderboard(tmp_path, names, configs, "accuracy", "maximize")
+    assert [r["run"] for r in ranked] == ["b", "a"] and ranked[0]["test_accuracy"] == 0.70
+    decision = promote(tmp_path, ranked, "accuracy", "maximize")
+    assert decision["run"] == "b" and decision["ranked_on"] == "validation" and decision["value"] == 0.85
+    assert "Ranked on validation_accuracy" in (tmp_path / "leaderboard.md").read_text()
 
 
 @pytest.mark.slow
@@ -120,9 +138,25 @@ parameters:
 """)
     result = run_sweep(str(sweep), str(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml"), str(tmp_path / "out"),
                        "local", str(REPO / "jobs" / "clusters" / "dev.yaml"))
-    assert result["promoted"]["run"] == "local-000"
+    promoted = result["promoted"]
+    assert promoted["run"] == "local-000" and promoted["ranked_on"] == "validation"
     assert (tmp_path / "out" / "promoted" / "adapter" / "adapter_model.safetensors").is_file()
-    assert json.loads((tmp_path / "out" / "runs" / "local-000" / "metrics.json").read_text())["train_steps"] == 2
+    run = tmp_path / "out" / "runs" / "local-000"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train_steps"] == 2
+    assert load_recipe(run / "config.yaml").eval.splits == ["validation"]  # the task never scored test...
+    assert promoted["test"]["accuracy"] == metrics["test"]["accuracy"]  # ...the driver's job did, once
+    assert promoted["test"]["n_eval"] == 16 and promoted["value"] == metrics["validation"]["accuracy"]
+    assert json.loads((tmp_path / "out" / "promoted.json").read_text())["test"] == promoted["test"]
+
+
+def test_a_sweep_without_validation_rows_is_refused(tmp_path):
+    from pipeline.sweep import run_sweep
+
+    sweep = tmp_path / "novalidation.yaml"
+    sweep.write_text("method: grid\nparameters: {data.validation_size: {values: [0.05, 0]}}\n")
+    with pytest.raises(ConfigError, match="ranks its runs on validation"):
+        run_sweep(str(sweep), "jobs/recipes/instacart-smollm2.yaml", str(tmp_path / "out"), "debug")
 
 
 def test_task_command_bare_and_in_apptainer(tmp_path):

@@ -90,9 +90,15 @@ def test_auto_compute_dtype_is_bf16_only_where_the_hardware_multiplies_it():
 
 def test_run_directory_matches_the_contract(tiny_run):
     run, _, metrics = tiny_run
-    for key in ("accuracy", "macro_f1", "n_eval", "train_runtime_s", "train_samples"):
-        assert key in metrics, key
-    assert metrics["n_eval"] == 48 and metrics["train_steps"] == 4 and metrics["train_samples"] == 32
+    assert metrics["train_steps"] == 4 and metrics["train_samples"] == 32 and metrics["train_runtime_s"] > 0
+    for split in ("validation", "test"):  # one block per split, each beside the baseline on its own rows
+        block = metrics[split]
+        assert block["n_eval"] == 48 and 0 <= block["accuracy"] <= 1 and 0 <= block["macro_f1"] <= 1
+        assert block["eval_data"].endswith(f"{split}.parquet") and "accuracy" in block["baseline"]
+        assert len(pd.read_parquet(run / f"predictions_{split}.parquet")) == 48
+        assert (run / f"confusion_matrix_{split}.png").stat().st_size > 0
+    validation_ids = set(pd.read_parquet(run / "predictions_validation.parquet")["product_id"])
+    assert validation_ids.isdisjoint(pd.read_parquet(run / "predictions_test.parquet")["product_id"])
     assert json.loads((run / "metrics.json").read_text()) == metrics
     assert len(json.loads((run / "labels.json").read_text())) == 20
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
@@ -101,11 +107,10 @@ def test_run_directory_matches_the_contract(tiny_run):
         keys = list(f.keys())
     assert keys and all("lora_" in k for k in keys)
     assert load_recipe(run / "config.yaml").train.max_steps == 4
-    assert (run / "confusion_matrix.png").stat().st_size > 0
     assert (run / "loss.png").stat().st_size > 0
     assert [h["step"] for h in json.loads((run / "train_log.json").read_text()) if "loss" in h] == [1, 2, 3, 4]
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-4"]
-    base = metrics["majority_class"]
+    base = metrics["test"]["majority_class"]
     assert base["label"] == "personal care" and 0 < base["accuracy"] < 1
 
 
@@ -151,8 +156,8 @@ def test_evaluate_command(tiny_run, data_dir):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "majority (personal care)" in result.stdout and "precision" in result.stdout
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["n_eval"] == 30 and metrics["scorer"] == "first_token"
-    predictions = pd.read_parquet(run / "eval_predictions.parquet")
+    assert metrics["test"]["n_eval"] == 30 and metrics["test"]["scorer"] == "first_token"
+    predictions = pd.read_parquet(run / "predictions_test.parquet")
     labels = json.loads((run / "labels.json").read_text())
     assert len(predictions) == 30 and predictions["predicted"].isin(labels).all()
     assert predictions["confidence"].between(0, 1).all()
@@ -200,7 +205,7 @@ def test_two_process_ddp_on_cpu(tmp_path, data_dir, base_model_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train_steps"] == 2 and metrics["train_samples"] == 2 * 4 * 2  # both processes' batches
-    assert (run / "adapter" / "adapter_model.safetensors").is_file() and metrics["n_eval"] == 16
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and metrics["test"]["n_eval"] == 16
 
 
 def test_inference_merges_an_input_embedding_adapter_without_touching_the_tied_lm_head(adapter_run, tmp_path):
