@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ from safetensors.numpy import load_file, save_file
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.svm import LinearSVC
+
+from pipeline.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,9 @@ def save(fitted: dict[str, Any], folder: Path, stem: str = "baseline") -> None:
         vocabularies[name] = terms  # a term's position is its column
     described = {k: v for k, v in fitted.items() if k != "model"}
     described.update(classes=[str(c) for c in svm.classes_], vocabularies=vocabularies)
-    for path, write in ((folder / f"{stem}.safetensors", lambda tmp: save_file(
-            {k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)),
-            (folder / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(described)))):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # sweep tasks may write at the same time
-        write(str(tmp))
-        os.replace(tmp, path)
+    write_atomic(folder / f"{stem}.safetensors",  # sweep tasks may write at the same time
+                 lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp)))
+    write_atomic(folder / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(described)))
 
 
 def load(folder: Path, stem: str = "baseline") -> dict[str, Any]:

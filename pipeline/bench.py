@@ -289,8 +289,10 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
     data_dir = ensure_prepared(recipe)
     labels = read_labels(data_dir / "labels.json")
     # The curve (and --stop-at) is a choice made during training: validation, never test, where there is one.
-    curve_split = "validation" if len(read_split(data_dir / "validation.parquet")) else "test"
-    held_out = read_split(data_dir / f"{curve_split}.parquet", labels).head(eval_samples)
+    curve_split, held_out = "validation", read_split(data_dir / "validation.parquet", labels)
+    if held_out.empty:
+        curve_split, held_out = "test", read_split(data_dir / "test.parquet", labels)
+    held_out = held_out.head(eval_samples)
     curve = AccuracyCurve(held_out["product_name"].tolist(), held_out["department"].tolist(), labels, eval_every,
                           minutes * 60 if minutes else None, recipe.eval.batch_size, stop_at)
     started = time.time()

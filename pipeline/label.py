@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from pipeline.atomic import publish, temporary_path, write_json_atomic
 from pipeline.errors import LabelError
 from pipeline.predict import Predictor
 from pipeline.scoring import Prediction
@@ -179,29 +180,6 @@ def code_version() -> str:
     return f"{described}+g{commit.stdout.strip()}" if commit.returncode == 0 else described
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """fsync a finished temporary file and rename it into place (atomic on one filesystem)."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    publish(tmp, path)
-
-
 def remove_stale_temporaries(final: Path) -> None:
     """Leftovers of a killed run: partial outputs, and an --in-place backup whose commit either
     never happened or already did (the file in place is valid in both cases)."""
@@ -316,7 +294,7 @@ def label_unit(labeler: Labeler, unit: Unit, out_dir: Path, *, text_column: str,
     _check_text_column(parquet.schema_arrow, text_column)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(final)
     labeled_at = datetime.now(UTC)
     rows, writer = 0, None
     try:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import write_json_atomic
 from pipeline.config import load_profile, load_recipe, read_yaml, shipped_file
 from pipeline.errors import ConfigError
 
@@ -225,7 +226,7 @@ def promote(sweep_dir: Path, ranked: list[dict[str, Any]], metric: str, goal: st
 
 
 def write_decision(sweep_dir: Path, decision: dict[str, Any]) -> None:
-    (sweep_dir / "promoted.json").write_text(json.dumps(decision, indent=1) + "\n")
+    write_json_atomic(sweep_dir / "promoted.json", decision)
 
 
 def summarize_test(block: dict[str, Any]) -> dict[str, Any]:

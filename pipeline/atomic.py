@@ -1,0 +1,46 @@
+"""Atomic files: a reader (a labeling job, a sweep task, a person) sees the old file or the whole
+new one, never a half-written one. Light on imports: the sweep driver uses it too."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def temporary_path(final: Path) -> Path:
+    """Where ``final`` is written before its rename: beside it (same filesystem), one per process."""
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """fsync a finished temporary file and rename it into place (atomic on one filesystem)."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def write_atomic(final: Path, write: Callable[[Path], None]) -> None:
+    """``write`` the temporary file, then publish it; nothing is left behind if ``write`` fails."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(final)
+    try:
+        write(tmp)
+        publish(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1) + "\n"))
