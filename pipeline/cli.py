@@ -1,4 +1,4 @@
-"""``catalog-tuner <command>``: prepare, train, evaluate, sweep, label.
+"""``catalog-tuner <command>``: prepare, train, calibrate, evaluate, sweep, label.
 
 Exit code 0 on success; on a user error (bad config, bad data, missing run) a one-line reason
 on stderr and exit code 2; 75 when a training checkpointed and stopped on request; 1 when some
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import DataConfig, load_recipe
-from pipeline.errors import EXIT_SOME_FAILED, EXIT_USER_ERROR, TrainingInterrupted, UserError
+from pipeline.errors import EXIT_SOME_FAILED, EXIT_USER_ERROR, Interrupted, UserError
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -44,6 +44,14 @@ def _train(args: argparse.Namespace) -> None:
         if split in metrics:
             print(format_per_label(metrics[split]), format_table(metrics, split), sep="\n\n", end="\n\n")
     print(f"run directory: {args.output}")
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from pipeline.calibrate import fit
+    from pipeline.predict import run_recipe
+
+    result = fit(args.run, run_recipe(args.run, args.overrides))
+    print(json.dumps({k: result[k] for k in ("blend", "temperature", "validation")}, indent=1))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -77,7 +85,8 @@ def _label(args: argparse.Namespace) -> int:
     outcomes = label_catalogs(args.adapter, args.catalog, args.output, shard=args.shard, in_place=args.in_place,
                               only_missing=args.only_missing, fail_fast=args.fail_fast,
                               text_column=args.text_column, id_column=args.id_column,
-                              rows_per_batch=args.rows_per_batch, batch_size=args.batch_size)
+                              rows_per_batch=args.rows_per_batch, batch_size=args.batch_size,
+                              review_max=args.review_max)
     print(summarize(outcomes))
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
@@ -112,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=_train)
 
+    p = commands.add_parser("calibrate", help="refit a run's blend and temperature on the validation split "
+                            "(train does it after training)")
+    p.add_argument("--run", required=True, help="RUN_DIR written by train")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. eval.blend=false")
+    p.set_defaults(func=_calibrate)
+
     p = commands.add_parser("evaluate", help="score a labelled split with a run's adapter")
     p.add_argument("--run", required=True, help="RUN_DIR written by train")
     p.add_argument("--data", help="labelled Parquet split (default: the recipe's DATA_DIR/test.parquet)")
@@ -143,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-column", default="product_id", help="checked by --in-place; duplicates are counted")
     p.add_argument("--batch-size", type=int, default=64, help="products per forward pass")
     p.add_argument("--rows-per-batch", type=int, default=4096, help="rows read, labeled and written at a time")
+    p.add_argument("--review-max", type=int, help="rows in the report's review queue (default: the recipe's "
+                   "label.review_max, 1000)")
     p.set_defaults(func=_label)
     return parser
 
@@ -153,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code = args.func(args)
-    except TrainingInterrupted as exc:
+    except Interrupted as exc:
         print(f"catalog-tuner {args.command}: interrupted: {exc}", file=sys.stderr)
-        return TrainingInterrupted.exit_code
+        return Interrupted.exit_code
     except UserError as exc:
         if args.verbose:
             raise

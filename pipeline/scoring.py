@@ -9,23 +9,28 @@ label set always yields a valid label. Two scorers (chosen by :func:`choose_scor
 - first-token: when every label's first completion token is distinct (the 21 Instacart
   departments are), one forward pass per product and the logits at the last prompt position
   decide; confidence is the softmax over the labels' first-token logits.
-- full: the exact log-likelihood of each whole completion (label tokens + EOS), for label
-  sets whose labels share a first token; cost grows with the number of labels.
+- trie: the same exact log-likelihoods as the full scorer for label sets whose labels share
+  leading tokens (aisles, taxonomy paths): one forward pass over the prompt, then one over
+  the labels' token trie from the prompt's cached keys/values, with a tree attention mask so
+  that every shared prefix is computed once per product (:class:`LabelTrie`).
+- full: the exact log-likelihood of each whole completion (label tokens + EOS), one sequence
+  per (product, label); the reference the trie scorer is tested against.
 
-Both batch prompts sorted by token length (little padding) under ``torch.inference_mode``.
+All batch prompts sorted by token length (little padding) under ``torch.inference_mode``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.data import format_completion, format_prompt
 from pipeline.errors import ConfigError, ModelError
+from pipeline.progress import progress_bar
 
 
 @dataclass
@@ -114,7 +119,7 @@ def first_token_log_probs(model, tokenizer, prompts: list[list[int]], labels: li
         raise ConfigError("eval.scorer=first_token, but the labels share a first token: use auto or full")
     device = next(model.parameters()).device
     out = torch.empty((len(prompts), len(labels)))
-    with tqdm(total=len(prompts), desc="scoring", unit="product", disable=not progress) as bar:
+    with progress_bar(len(prompts), "scoring", "product", disable=not progress) as bar:
         for batch in _batches([len(p) for p in prompts], batch_size):
             input_ids, attention, positions = _pad_left([prompts[i] for i in batch], tokenizer.pad_token_id, device)
             logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
@@ -139,7 +144,7 @@ def label_log_likelihoods(model, tokenizer, prompts: list[list[int]], labels: li
     device = next(model.parameters()).device
     out = torch.empty((len(prompts), len(labels)))
     per_batch = max(1, batch_size // len(labels))
-    with tqdm(total=len(prompts), desc="scoring (full)", unit="product", disable=not progress) as bar:
+    with progress_bar(len(prompts), "scoring (full)", "product", disable=not progress) as bar:
         for batch in _batches([len(p) for p in prompts], per_batch):
             rows = [prompts[i] + c for i in batch for c in completions]
             input_ids, attention, positions = _pad_left(rows, tokenizer.pad_token_id, device)
@@ -156,20 +161,127 @@ def label_log_likelihoods(model, tokenizer, prompts: list[list[int]], labels: li
     return out
 
 
+NODES_PER_PROJECTION = 32
+
+
+@dataclass
+class LabelTrie:
+    """The labels' completion token sequences (each ending in EOS) as a trie.
+
+    Inner nodes are the proper, non-empty prefixes: the tokens fed after the prompt, each seeing
+    the prompt and its own ancestors. Edges are (the node a token follows, that token); a label's
+    log-likelihood is the sum of the log-probabilities of the edges on its path. Node 0 of the
+    edge sources is the prompt's last position, node k + 1 the inner node k.
+    """
+
+    tokens: list[int]
+    parents: list[int]
+    """Parent inner node of each inner node, -1 under the prompt."""
+    depths: list[int]
+    edge_sources: list[int]
+    edge_tokens: list[int]
+    paths: torch.Tensor
+    """(edges, labels): 1 where the edge is on the label's path."""
+
+    @classmethod
+    def build(cls, sequences: list[list[int]]) -> LabelTrie:
+        inner: dict[tuple[int, ...], int] = {}
+        tokens, parents, depths = [], [], []
+        edges: dict[tuple[int, int], int] = {}
+        on_path: list[tuple[int, int]] = []
+        for label, sequence in enumerate(sequences):
+            for k in range(len(sequence)):
+                source = 0 if k == 0 else inner[tuple(sequence[:k])] + 1
+                edge = edges.setdefault((source, sequence[k]), len(edges))
+                on_path.append((edge, label))
+                prefix = tuple(sequence[: k + 1])
+                if k + 1 < len(sequence) and prefix not in inner:
+                    inner[prefix] = len(tokens)
+                    tokens.append(sequence[k])
+                    parents.append(source - 1)
+                    depths.append(k + 1)
+        paths = torch.zeros(len(edges), len(sequences))
+        for edge, label in on_path:
+            paths[edge, label] = 1
+        sources, edge_tokens = zip(*edges) if edges else ((), ())
+        return cls(tokens, parents, depths, list(sources), list(edge_tokens), paths)
+
+    @cached_property
+    def visible(self) -> torch.Tensor:
+        """(inner, inner) bool: node j is node i or one of its ancestors."""
+        n = len(self.tokens)
+        visible = torch.eye(n, dtype=torch.bool)
+        for i, parent in enumerate(self.parents):  # parents come before their children
+            if parent >= 0:
+                visible[i] |= visible[parent]
+        return visible
+
+
+@torch.inference_mode()
+def trie_log_likelihoods(model, tokenizer, prompts: list[list[int]], labels: list[str], batch_size: int = 64,
+                         progress: bool = True) -> torch.Tensor:
+    """What :func:`label_log_likelihoods` computes, (n_prompts, n_labels), with each shared label
+    prefix computed once per product: the prompt pass's cached keys/values, then one pass over
+    the trie's inner nodes under a tree mask (prompt + ancestors), positions continuing the prompt.
+
+    Only standard causal LMs (a decoder, then the output embeddings; no logit soft-capping).
+    """
+    trie = LabelTrie.build(label_token_ids(tokenizer, labels))
+    device = next(model.parameters()).device
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    n_inner = len(trie.tokens)
+    tree_ids = torch.tensor(trie.tokens, device=device)
+    depths = torch.tensor(trie.depths, device=device)
+    sources = torch.tensor(trie.edge_sources, device=device)
+    edge_tokens = torch.tensor(trie.edge_tokens, device=device)
+    paths = trie.paths.to(device)
+    visible = trie.visible.to(device)
+    per_batch = max(1, batch_size * 16 // (n_inner + 16))  # tree tokens dominate: keep a batch's tokens bounded
+    out = torch.empty((len(prompts), len(labels)))
+    with progress_bar(len(prompts), "scoring (trie)", "product", disable=not progress) as bar:
+        for batch in _batches([len(p) for p in prompts], per_batch):
+            input_ids, attention, positions = _pad_left([prompts[i] for i in batch], tokenizer.pad_token_id, device)
+            prompt = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                           logits_to_keep=1, use_cache=True)
+            rows, width = input_ids.shape
+            lengths = attention.sum(1)
+            allowed = torch.cat([attention.bool()[:, None, :].expand(rows, n_inner, width),
+                                 visible[None].expand(rows, n_inner, n_inner)], dim=2)
+            mask = torch.zeros(allowed.shape, dtype=next(decoder.parameters()).dtype, device=device)
+            mask.masked_fill_(~allowed, torch.finfo(mask.dtype).min)
+            hidden = decoder(input_ids=tree_ids.expand(rows, n_inner), attention_mask=mask[:, None],
+                             position_ids=lengths[:, None] + depths[None, :] - 1,
+                             cache=prompt.cache, use_cache=True).last_hidden_state
+            edge_log_probs = torch.empty((rows, len(sources)), device=device)
+            root = sources == 0
+            edge_log_probs[:, root] = prompt.logits[:, -1].float().log_softmax(-1)[:, edge_tokens[root]]
+            for start in range(0, n_inner, NODES_PER_PROJECTION):  # bounds memory at (rows, nodes, vocab)
+                here = (sources > start) & (sources <= start + NODES_PER_PROJECTION)
+                log_probs = head(hidden[:, start : start + NODES_PER_PROJECTION]).float().log_softmax(-1)
+                edge_log_probs[:, here] = log_probs[:, sources[here] - 1 - start, edge_tokens[here]]
+            out[batch] = (edge_log_probs @ paths).cpu()
+            bar.update(len(batch))
+    return out
+
+
 def choose_scorer(name: str, tokenizer, labels: list[str]) -> str:
-    """The scorer a label set gets: ``auto`` is first-token where the labels' first tokens differ."""
+    """The scorer a label set gets: ``auto`` is first-token where the labels' first tokens differ,
+    else the trie scorer; ``full`` only when asked for (it is the trie scorer's reference)."""
     if name == "auto":
-        return "first_token" if first_tokens_distinct(tokenizer, labels) else "full"
-    if name not in ("first_token", "full"):
-        raise ConfigError(f"eval.scorer must be auto, first_token or full, got {name!r}")
+        return "first_token" if first_tokens_distinct(tokenizer, labels) else "trie"
+    if name not in ("first_token", "trie", "full"):
+        raise ConfigError(f"eval.scorer must be auto, first_token, trie or full, got {name!r}")
     return name
 
 
 def label_log_probs(model, tokenizer, prompts: list[list[int]], labels: list[str], scorer: str = "auto",
                     batch_size: int = 64, progress: bool = True) -> torch.Tensor:
     """Log-probabilities over the label set, (n_prompts, n_labels), with the chosen scorer."""
-    if choose_scorer(scorer, tokenizer, labels) == "first_token":
+    chosen = choose_scorer(scorer, tokenizer, labels)
+    if chosen == "first_token":
         return first_token_log_probs(model, tokenizer, prompts, labels, batch_size, progress)
+    if chosen == "trie":
+        return trie_log_likelihoods(model, tokenizer, prompts, labels, batch_size, progress).log_softmax(-1)
     return label_log_likelihoods(model, tokenizer, prompts, labels, batch_size, progress=progress).log_softmax(-1)
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import tracking
 from pipeline.atomic import write_json_atomic
 from pipeline.config import load_profile, load_recipe, read_yaml, shipped_file
 from pipeline.errors import ConfigError
@@ -297,6 +298,11 @@ def run_sweep(sweep_path: str, recipe_path: str, output: str, executor_kind: str
             log.error("scoring %s on test failed: %s", decision["run"], decision["test_error"])
         ranked = leaderboard(sweep_dir, names, configs, spec.metric, spec.goal, logs)
         write_decision(sweep_dir, decision)
+    swept = [k for k in configs[0] if len({json.dumps(c.get(k)) for c in configs}) > 1] or list(configs[0])
+    from pipeline.report import write_sweep_report
+
+    write_sweep_report(sweep_dir, ranked, swept, spec.metric, decision)
+    tracking.log_sweep_summary(sweep_dir, group, recipe.tracking.project, ranked, swept, spec.metric)
     if decision and label_catalog:
         decision["label_job"] = submit_labeling(sweep_dir / "promoted", label_catalog, label_output)
         write_decision(sweep_dir, decision)

@@ -54,3 +54,28 @@ def log_final_metrics(metrics: dict[str, Any], recipe: Recipe) -> None:
                 summary.update({f"{split}/baseline_{k}": block["baseline"][k] for k in ("accuracy", "macro_f1")})
     wandb.run.summary.update(summary)
     wandb.finish()
+
+
+def log_sweep_summary(sweep_dir: Path, group: str, project: str, ranked: list[dict[str, Any]],
+                      parameters: list[str], metric: str) -> Path | None:
+    """One W&B run of ``job_type=sweep-summary`` in the sweep's group: a table of every configuration
+    with its figures, beside the group's training runs (whose configs and summaries feed W&B's
+    parallel-coordinates and parameter-importance panels once synced). Offline unless WANDB_MODE
+    says otherwise; returns the run's folder, or None without wandb."""
+    if importlib.util.find_spec("wandb") is None:
+        return None
+    import wandb
+
+    columns = ["rank", "run", "status", f"validation_{metric}", f"baseline_validation_{metric}", f"test_{metric}",
+               "train_runtime_s", *parameters]
+    run = wandb.init(project=project, group=group, job_type="sweep-summary", name=f"{group}-summary",
+                     dir=str(sweep_dir), mode=os.environ.get("WANDB_MODE", "offline"),
+                     config={"parameters": parameters, "metric": f"validation_{metric}"})
+    run.log({"leaderboard": wandb.Table(columns=columns, data=[[str(r.get(c)) if c in parameters else r.get(c)
+                                                                 for c in columns] for r in ranked])})
+    best = next((r for r in ranked if r["status"] == "ok"), None)
+    if best:
+        run.summary.update({"promoted": best["run"], f"validation_{metric}": best[f"validation_{metric}"]})
+    folder = Path(run.dir).parent if run.dir else None
+    run.finish()
+    return folder

@@ -29,7 +29,7 @@ from trl import SFTConfig, SFTTrainer
 
 from pipeline import tracking
 from pipeline.config import Recipe, save_recipe
-from pipeline.data import prepare, prepare_options, read_labels, read_split, to_prompt_completion
+from pipeline.data import level_labels, prepare, prepare_options, read_split, to_prompt_completion
 from pipeline.errors import STOP_FILE, ConfigError, DataError, TrainingInterrupted
 from pipeline.model import (
     fit_embeddings,
@@ -82,6 +82,20 @@ class CheckpointAndStop(TrainerCallback):
                 from transformers.integrations import WandbCallback
 
                 self.trainer.remove_callback(WandbCallback)
+        return control
+
+
+class NoPickledArguments(TrainerCallback):
+    """Delete the ``training_args.bin`` transformers writes into every checkpoint.
+
+    It is a pickle of the TrainingArguments, which resuming never reads (the recipe in
+    RUN_DIR/config.yaml is the record), and run folders are shared: a pickle there is code that
+    whoever loads it runs. The optimizer, scheduler and RNG states stay: transformers loads them
+    with ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers only.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin").unlink(missing_ok=True)
         return control
 
 
@@ -215,11 +229,12 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
     set_seed(recipe.train.seed)
 
     # Data
-    labels = read_labels(data_dir / "labels.json")
-    frame = read_split(data_dir / "train.parquet", labels)
+    level = recipe.data.label_level
+    labels = level_labels(data_dir, level)
+    frame = read_split(data_dir / "train.parquet", labels, level)
     if recipe.data.max_train_samples:
         frame = frame.head(recipe.data.max_train_samples)
-    dataset = Dataset.from_dict(to_prompt_completion(frame))
+    dataset = Dataset.from_dict(to_prompt_completion(frame, level))
 
     # Model
     device = train_device()
@@ -245,7 +260,7 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_lora_config(recipe.lora),
-        callbacks=[stopper, *(callbacks or [])],
+        callbacks=[stopper, NoPickledArguments(), *(callbacks or [])],
     )
     stopper.trainer = trainer
     checkpoints = run / "checkpoints"
@@ -273,7 +288,15 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
     # Save
     if not trainer.is_world_process_zero():
         return {}
-    shutil.copyfile(data_dir / "labels.json", run / "labels.json")
+    (run / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")  # the level the model predicts
+    # What labeling reports compare their label shares with: the whole training split, whatever
+    # share of it data.max_train_samples let this run see.
+    split = read_split(data_dir / "train.parquet", labels, level)[level].value_counts()
+    (run / "label_distribution.json").write_text(json.dumps(
+        {"level": level, "rows": int(split.sum()), "counts": {label: int(split.get(label, 0)) for label in labels}},
+        indent=1) + "\n")
+    if (data_dir / "taxonomy.json").is_file():
+        shutil.copyfile(data_dir / "taxonomy.json", run / "taxonomy.json")
     trainer.model.save_pretrained(run / "adapter")
     tokenizer.save_pretrained(run / "adapter")
     write_loss_log(trainer.state.log_history, run)
@@ -296,14 +319,18 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
     del trainer, model
 
     if evaluate_after:
+        from pipeline import calibrate
         from pipeline.evaluate import evaluate
 
+        has_validation = len(read_split(data_dir / "validation.parquet")) > 0
+        if has_validation:
+            calibrate.fit(run, recipe)
+        else:
+            log.warning("%s has no rows (data.validation_size=0): no calibration, validation not scored",
+                        data_dir / "validation.parquet")
         for split in recipe.eval.splits:
-            path = data_dir / f"{split}.parquet"
-            if split == "validation" and not len(read_split(path)):
-                log.warning("%s has no rows (data.validation_size=0): not scored", path)
-                continue
-            metrics = evaluate(run, path, recipe)
+            if split != "validation" or has_validation:
+                metrics = evaluate(run, data_dir / f"{split}.parquet", recipe)
     tracking.log_final_metrics(metrics, recipe)
     return metrics
 

@@ -20,7 +20,7 @@ os.environ.setdefault("CATALOG_TUNER_CACHE", str(REPO / ".cache"))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
-TRAINED_FIXTURES = {"adapter_run", "tiny_run"}
+TRAINED_FIXTURES = {"adapter_run", "tiny_run", "aisle_run", "calibrated_run"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -78,3 +78,32 @@ def adapter_run(tmp_path_factory, data_dir, base_model_path) -> Path:
         "train.per_device_train_batch_size=8"])
     train(recipe, run, evaluate_after=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def aisle_run(tmp_path_factory, data_dir, base_model_path) -> Path:
+    """A real (barely trained) aisle-level adapter: 3 NF4 steps, no evaluation. Tests must not change it."""
+    from pipeline.config import load_recipe
+    from pipeline.train import train
+
+    run = tmp_path_factory.mktemp("aisle_run") / "aisles"
+    recipe = load_recipe(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml", [
+        f"data.dir={data_dir}", "data.label_level=aisle", "data.max_train_samples=48", "train.max_steps=3",
+        "train.save_steps=100", "train.per_device_train_batch_size=8"])
+    train(recipe, run, evaluate_after=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def calibrated_run(adapter_run, tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of the tiny adapter run, calibrated on the first 300 validation rows: the blend with
+    the lexical model is kept (the adapter alone is barely trained). Tests must not change it."""
+    import shutil
+
+    from pipeline import calibrate
+    from pipeline.predict import run_recipe
+
+    run = tmp_path_factory.mktemp("calibrated") / "run"
+    shutil.copytree(adapter_run, run)
+    result = calibrate.fit(run, run_recipe(run, ["eval.max_samples=300"]), progress=False)
+    return run, result

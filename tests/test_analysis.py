@@ -2,12 +2,10 @@
 
 import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from pipeline.analysis import analyze_errors, ensemble_cross_fitted, normalized_name, telling_words
+from pipeline.analysis import analyze_errors, normalized_name, telling_words
 
 
 def test_telling_words_are_rare_and_pure():
@@ -27,7 +25,7 @@ def test_errors_split_the_test_rows_between_model_and_baseline(adapter_run, tmp_
     run = tmp_path / "run"
     shutil.copytree(adapter_run, run)
     metrics = evaluate(run, recipe=run_recipe(run, ["eval.max_samples=40"]), progress=False)
-    errors = analyze_errors(run, train_samples=16, ensemble=True)
+    errors = analyze_errors(run, train_samples=16)
     assert errors["test_products"] == 40 and errors["model_accuracy"] == round(metrics["test"]["accuracy"], 4)
     assert errors["baseline_accuracy"] == round(metrics["test"]["baseline"]["accuracy"], 4)
     predictions = pd.read_parquet(run / "predictions_test.parquet")
@@ -35,18 +33,5 @@ def test_errors_split_the_test_rows_between_model_and_baseline(adapter_run, tmp_
     told = errors["telling_word_names_the_truth"]
     assert told["both_right"]["rows"] + told["model_only_right"]["rows"] == model_right
     assert all(0 <= told[k]["told"] <= told[k]["rows"] for k in ("both_right", "neither_right"))
-    assert 0 <= errors["ensemble"]["accuracy"] <= 1 and len(errors["ensemble"]["weights_chosen"]) == 2
     assert errors["train_fit"]["train_products"] == 16 and 0 <= errors["train_fit"]["model_accuracy"] <= 1
     assert errors["config"]["data"]["dir"] == metrics["test"]["eval_data"].rsplit("/", 1)[0]
-
-
-def test_ensemble_weight_is_chosen_on_the_other_half():
-    # The model prefers the wrong label by 1.9 nats on every row; the baseline the right one by 1:
-    # only weights of 2 and more put the right label first.
-    truth = np.array(["a", "b"] * 10, dtype=object)
-    right = torch.tensor([[1, 0], [0, 1]] * 10)
-    log_probs = torch.where(right == 1, -2.0, -0.1)
-    decisions = right.float()
-    result = ensemble_cross_fitted(log_probs, decisions, truth, ["a", "b"], weights=(0.5, 1, 2, 3))
-    assert result["weights_chosen"] == [2, 2] and result["accuracy"] == 1.0
-    assert ensemble_cross_fitted(log_probs, decisions, truth, ["a", "b"], weights=(0.5, 1))["accuracy"] == 0.0

@@ -29,12 +29,13 @@ def test_report_sits_next_to_the_model_and_is_cached(data_dir, tmp_path):
     labels = read_labels(data_dir / "labels.json")
     test = read_split(data_dir / "test.parquet", labels).head(300)
     train = read_split(train_path)
-    report = baseline_metrics(train_path, train, test, labels)
+    report, predicted = baseline_metrics(train_path, train, test, labels)
+    assert len(predicted) == 300 and set(predicted) <= set(labels)
     assert report["name"] == "tfidf+linear-svm" and report["n_train"] == 2000
     assert 0 <= report["accuracy"] <= 1 and 0 <= report["macro_f1"] <= 1
     assert set(report["per_label_f1"]) <= set(labels)
     assert train_path.with_name("baseline.json").is_file() and train_path.with_name("baseline.safetensors").is_file()
-    assert baseline_metrics(train_path, train, test, labels) == report  # served from the cache, same predictions
+    assert baseline_metrics(train_path, train, test, labels) == (report, predicted)  # from the cache, the same
 
     block = {"accuracy": 0.9, "macro_f1": 0.8, "n_eval": 300,
              "majority_class": {"label": "produce", "accuracy": 0.1, "macro_f1": 0.01},

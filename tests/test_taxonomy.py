@@ -1,0 +1,97 @@
+"""Two label levels: aisles inside departments, from the embedded catalog or a catalog's own paths."""
+
+import json
+import shutil
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import DataConfig, Recipe
+from pipeline.data import level_labels, prepare
+from pipeline.errors import DataError
+from pipeline.evaluate import evaluate
+from pipeline.label import label_catalogs
+from pipeline.predict import Predictor, run_recipe
+from pipeline.scoring import Prediction
+
+
+def test_the_embedded_catalog_has_aisles_each_inside_one_department(data_dir):
+    tree = json.loads((data_dir / "taxonomy.json").read_text())
+    departments = json.loads((data_dir / "labels.json").read_text())
+    assert tree["labels"]["department"] == departments and len(departments) == 20
+    parent = tree["parent"]["aisle"]
+    assert sorted(parent) == tree["labels"]["aisle"] and set(parent.values()) == set(departments)
+    assert len(parent) == 133  # the 134 aisles but 'missing', held out with its department
+    rows = pd.concat([pd.read_parquet(data_dir / f"{split}.parquet") for split in ("train", "validation", "test")])
+    assert (rows["aisle"].map(parent) == rows["department"]).all()
+    assert level_labels(data_dir, "aisle") == tree["labels"]["aisle"]
+
+
+def category_catalog(tmp_path, categories: list[str]):
+    path = tmp_path / "catalog.parquet"
+    names = [f"product {i}" for i in range(len(categories))]
+    pq.write_table(pa.table({"product_id": list(range(len(categories))), "product_name": names,
+                             "category": categories}), path)
+    return path
+
+
+def test_a_path_like_category_gives_both_levels(tmp_path):
+    categories = ["pantry/baking ingredients", "pantry / spices", "frozen/frozen pizza", "frozen/ice cream"] * 10
+    summary = prepare(DataConfig(source="parquet", catalog=str(category_catalog(tmp_path, categories)),
+                                 validation_size=0), tmp_path / "data")
+    tree = json.loads((tmp_path / "data" / "taxonomy.json").read_text())
+    assert summary["aisles"] == 4 and tree["parent"]["aisle"] == {
+        "baking ingredients": "pantry", "spices": "pantry", "frozen pizza": "frozen", "ice cream": "frozen"}
+
+
+def test_a_leaf_under_two_parents_is_named(tmp_path):
+    categories = ["pantry/baking", "frozen/pizza", "bakery/baking", "frozen/ice cream"] * 10
+    with pytest.raises(DataError, match=r"aisle 'baking' is under 2 departments \(bakery, pantry\); e.g. product_id"):
+        prepare(DataConfig(source="parquet", catalog=str(category_catalog(tmp_path, categories))), tmp_path / "data")
+
+
+def test_a_department_is_its_aisles_summed_and_never_disagrees_with_the_aisle():
+    labels = ["bread", "cookies", "ice cream", "pizza", "soda"]
+    parent = {"bread": "bakery", "cookies": "bakery", "ice cream": "frozen", "pizza": "frozen", "soda": "drinks"}
+    predictor = Predictor(run_dir=None, recipe=Recipe(), model=None, tokenizer=None, labels=labels, scorer="trie",
+                          max_prompt_tokens=8, batch_size=1, device="cpu", dtype=torch.float32, level="aisle",
+                          parent=parent)
+    probs = torch.tensor([[0.10, 0.10, 0.35, 0.30, 0.15],   # the top aisle's department is also the top department
+                          [0.30, 0.25, 0.31, 0.04, 0.10],   # bakery sums to 0.55, but the aisle is ice cream
+                          [float("nan")] * 5])
+    prediction = Prediction(["ice cream", "ice cream", None], [0.35, 0.31, None], probs.log(),
+                            ["ok", "ok", "empty_name"])
+    departments, confidences = predictor.parent_prediction(prediction)
+    assert departments == ["frozen", "frozen", None]
+    assert confidences[0] == pytest.approx(0.65) and confidences[1] == pytest.approx(0.35) and confidences[2] is None
+
+
+def test_an_aisle_level_run_labels_and_evaluates_both_levels(aisle_run, data_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(aisle_run, run)
+    tree = json.loads((data_dir / "taxonomy.json").read_text())
+    assert json.loads((run / "labels.json").read_text()) == tree["labels"]["aisle"]
+    metrics = evaluate(run, data_dir / "test.parquet", run_recipe(run, ["eval.max_samples=12"]), progress=False)
+    block = metrics["test"]
+    assert block["label_level"] == "aisle" and block["scorer"] == "trie"
+    assert block["department"]["implied_by"] == "aisle"
+    assert "department" in block["baseline"]
+    predictions = pd.read_parquet(run / "predictions_test.parquet")
+    parent = tree["parent"]["aisle"]
+    assert (predictions["predicted"].map(parent) == predictions["predicted_department"]).all()
+    implied = (predictions["predicted_department"] == predictions["department"]).mean()
+    assert block["department"]["accuracy"] == pytest.approx(implied)
+
+    catalog = tmp_path / "catalog.parquet"
+    pq.write_table(pa.table({"product_id": predictions["product_id"], "product_name": predictions["product_name"]}),
+                   catalog)
+    label_catalogs(run, [str(catalog)], tmp_path / "labeled", batch_size=8, progress=False)
+    labeled = pd.read_parquet(tmp_path / "labeled" / "catalog.parquet")
+    assert labeled.columns.tolist() == ["product_id", "product_name", "aisle", "aisle_confidence", "department",
+                                        "department_confidence", "label_status", "labeled_by", "labeled_at"]
+    assert labeled["aisle"].tolist() == predictions["predicted"].tolist()
+    assert (labeled["aisle"].map(parent) == labeled["department"]).all()
+    assert (labeled["department_confidence"] >= labeled["aisle_confidence"] - 1e-6).all()
