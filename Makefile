@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install slurm demo test test-fast clean
+.PHONY: install slurm browser demo test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -27,7 +27,12 @@ demo: install
 slurm:
 	@if [ "$$(id -u)" = 0 ] && ! command -v slurmctld >/dev/null; then slurm/dev-cluster.sh install; fi
 
-test: install slurm
+# Debian's chromium, which renders the HTML reports in tests/test_report.py (root only; they skip otherwise).
+browser:
+	@if [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; fi
+
+test: install slurm browser
 	$(BIN)/ruff check pipeline tests
 	$(BIN)/python -m pytest -q --durations=15
 

@@ -93,7 +93,9 @@ def find_inputs(paths: list[str]) -> list[tuple[Path, Path]]:
         for path in matches:
             if path.is_dir():
                 for file in sorted(path.rglob("*.parquet")):
-                    if MANIFEST_DIR not in file.relative_to(path).parts:
+                    # like pyarrow.dataset: "_" and "." names are bookkeeping (manifests, reports,
+                    # committed batches, temporaries), never catalog files
+                    if not any(part.startswith(("_", ".")) for part in file.relative_to(path).parts):
                         found.setdefault(file.resolve(), file.relative_to(path))
             elif path.exists():
                 found.setdefault(path.resolve(), Path(path.name))
@@ -475,7 +477,7 @@ def label_catalogs(adapter: str | Path, catalogs: list[str], out_dir: str | Path
                         [{"file": str(o.unit.source), "reason": o.message} for o in outcomes if o.status == "failed"],
                         sum(o.status == "labeled" for o in outcomes), sum(o.status == "skipped" for o in outcomes),
                         round(seconds, 2), labeler.predictor.labels, labeler.provenance(), labeler.run_dir,
-                        labeler.top_labels, settings)
+                        labeler.top_labels, settings, labeler.predictor.recipe)
     log.info("report: %s", report if report else f"waiting for the other tasks ({position[1]} in all)")
     return outcomes
 

@@ -2,7 +2,8 @@
 
 Every ``catalog-tuner label`` job writes, after its last file, ``OUT_DIR/_report/``:
 
-- ``summary.json``: rows, rows labeled by this job, rows per ``label_status``, files failed
+- ``summary.json``: rows, rows labeled when their file was labeled (the others kept an earlier
+  label, with ``--only-missing``), rows per ``label_status``, files failed
   with their reasons, throughput, the label distribution of the labeled catalog, a 20-bin
   histogram of the confidences this job gave, label changes (``--only-missing`` and
   ``--in-place`` over labeled rows), the adapter, and **drift**: the Jensen-Shannon divergence
@@ -40,8 +41,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy.spatial.distance import jensenshannon
 
+from pipeline import tracking
 from pipeline.atomic import write_atomic, write_json_atomic
-from pipeline.config import LabelConfig
+from pipeline.config import LabelConfig, Recipe
 
 REPORT_DIR = "_report"
 HISTOGRAM_BINS = 20
@@ -55,7 +57,8 @@ class LabelStats:
     rows: int = 0
     """Rows in the outputs."""
     labeled: int = 0
-    """Rows this job scored (the others kept an earlier label, with ``--only-missing``)."""
+    """Rows scored when their file was labeled (the others kept an earlier label, with
+    ``--only-missing``); a file skipped as already done brings its counts from its manifest."""
     by_status: dict[str, int] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)
     """Label counts over every output row: the catalog as it now stands."""
@@ -236,7 +239,7 @@ def write_report(out_dir: Path, summary: dict[str, Any], review: pa.Table, label
 
 def finish_job(out_dir: Path, shard: tuple[int, int], file_stats: list[LabelStats], failed: list[dict[str, str]],
                labeled_files: int, skipped_files: int, seconds: float, labels: list[str], provenance: dict[str, Any],
-               run_dir: Path, predict_top: Any, settings: LabelConfig) -> Path | None:
+               run_dir: Path, predict_top: Any, settings: LabelConfig, recipe: Recipe) -> Path | None:
     """Write this task's partial; if it completes the set, the report. Returns the report folder,
     or None while other tasks of the array are still running."""
     stats = LabelStats()
@@ -251,7 +254,10 @@ def finish_job(out_dir: Path, shard: tuple[int, int], file_stats: list[LabelStat
     training = json.loads(training_path.read_text()) if training_path.is_file() else None
     previous = json.loads(previous_path.read_text()) if previous_path.is_file() else None
     summary = build_summary(merged, files, partials, labels, provenance, training, previous, settings)
-    return write_report(out_dir, summary, review_table(merged.review, predict_top), labels)
+    review = review_table(merged.review, predict_top)
+    folder = write_report(out_dir, summary, review, labels)
+    tracking.log_label_report(folder, summary, review, recipe)
+    return folder
 
 
 # --- report.html -----------------------------------------------------------------------------
@@ -282,7 +288,7 @@ def charts(summary: dict[str, Any], labels: list[str]) -> dict[str, str]:
     ax.set_yticks(y, shown, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("share of rows")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     result["labels"] = _png(fig)
     plt.close(fig)
@@ -334,7 +340,7 @@ def render_html(summary: dict[str, Any], review: pa.Table, labels: list[str], re
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>catalog-tuner labeling report</title>
 <style>{STYLE}</style></head><body>
 <h1>Labeling report: {html.escape(summary['written_at'])}</h1>
-<p>{summary['rows']:,} rows; {summary['labeled']:,} labeled by this job, {summary['kept_earlier_label']:,} kept an
+<p>{summary['rows']:,} rows; {summary['labeled']:,} labeled, {summary['kept_earlier_label']:,} kept an
 earlier label. Files: {summary['files']['labeled']} labeled, {summary['files']['skipped']} already done,
 {len(failed)} failed. Adapter <code>{html.escape(str(summary['adapter'].get('labeled_by')))}</code>. {flag}.</p>
 {_table(["label status", "rows"], [[k, v] for k, v in summary["by_label_status"].items()])}
@@ -413,7 +419,8 @@ def sweep_charts(sweep_dir: Path, ranked: list[dict[str, Any]], parameters: list
     if ax.lines and len(ax.lines) <= 12:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    result["loss"] = _png(fig)
+    if ax.lines:  # runs shorter than train.logging_steps log no loss
+        result["loss"] = _png(fig)
     plt.close(fig)
     return result
 
@@ -437,7 +444,8 @@ for the promoted run.</p>
 <h2>Leaderboard</h2>
 {_table(columns, [[r.get(c) for c in columns] for r in ranked])}
 {parallel}
-<h2>Training loss</h2><img alt="loss curves" src="{images['loss']}">
+<h2>Training loss</h2>{f'<img alt="loss curves" src="{images["loss"]}">' if "loss" in images else
+                        "<p>No run logged a loss (runs shorter than train.logging_steps).</p>"}
 </body></html>
 """
     path = sweep_dir / "sweep_report.html"

@@ -79,3 +79,31 @@ def log_sweep_summary(sweep_dir: Path, group: str, project: str, ranked: list[di
     folder = Path(run.dir).parent if run.dir else None
     run.finish()
     return folder
+
+
+def log_label_report(report_dir: Path, summary: dict[str, Any], review: Any, recipe: Recipe) -> Path | None:
+    """The labeling report as one W&B run (``job_type=label``) when the adapter's recipe tracks to
+    W&B and wandb is installed: the summary's figures, the confidence histogram, the label
+    distribution and the review queue as tables. Offline unless WANDB_MODE says otherwise."""
+    if not recipe.tracking.wandb or importlib.util.find_spec("wandb") is None:
+        return None
+    import numpy as np
+    import wandb
+
+    run = wandb.init(project=recipe.tracking.project, group=recipe.tracking.group, job_type="label",
+                     dir=str(report_dir), mode=os.environ.get("WANDB_MODE", "offline"),
+                     config={"adapter": summary["adapter"].get("labeled_by")})
+    counts = summary["confidence_histogram"]["counts"]
+    run.log({
+        "confidence": wandb.Histogram(np_histogram=(np.array(counts), np.linspace(0, 1, len(counts) + 1))),
+        "label_distribution": wandb.Table(columns=["label", "count", "share"], data=[
+            [label, v["count"], v["share"]] for label, v in summary["label_distribution"].items()]),
+        "review_queue": wandb.Table(dataframe=review.to_pandas()),
+    })
+    drift = summary["drift"]
+    run.summary.update({"rows": summary["rows"], "labeled": summary["labeled"], "drift_flagged": drift["flagged"],
+                        **{f"{k}/{s}": v for s, d in drift.items() if isinstance(d, dict)
+                           for k, v in (("jensen_shannon", d["jensen_shannon"]),)}})
+    folder = Path(run.dir).parent if run.dir else None
+    run.finish()
+    return folder

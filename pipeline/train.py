@@ -193,6 +193,15 @@ def examples_per_step(args: TrainingArguments) -> int:
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
+def write_label_distribution(run: Path, data_dir: Path, labels: list[str], level: str) -> None:
+    """RUN_DIR/label_distribution.json: what labeling reports compare their label shares with (the
+    whole training split, whatever share of it ``data.max_train_samples`` let this run see)."""
+    counts = read_split(data_dir / "train.parquet", labels, level)[level].value_counts()
+    (run / "label_distribution.json").write_text(json.dumps(
+        {"level": level, "rows": int(counts.sum()), "counts": {label: int(counts.get(label, 0)) for label in labels}},
+        indent=1) + "\n")
+
+
 def write_loss_log(history: list[dict[str, Any]], run: Path) -> None:
     (run / "train_log.json").write_text(json.dumps(history, indent=1) + "\n")
     points = [(h["step"], h["loss"]) for h in history if "loss" in h]
@@ -289,12 +298,7 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
     if not trainer.is_world_process_zero():
         return {}
     (run / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")  # the level the model predicts
-    # What labeling reports compare their label shares with: the whole training split, whatever
-    # share of it data.max_train_samples let this run see.
-    split = read_split(data_dir / "train.parquet", labels, level)[level].value_counts()
-    (run / "label_distribution.json").write_text(json.dumps(
-        {"level": level, "rows": int(split.sum()), "counts": {label: int(split.get(label, 0)) for label in labels}},
-        indent=1) + "\n")
+    write_label_distribution(run, data_dir, labels, level)
     if (data_dir / "taxonomy.json").is_file():
         shutil.copyfile(data_dir / "taxonomy.json", run / "taxonomy.json")
     trainer.model.save_pretrained(run / "adapter")

@@ -68,7 +68,8 @@ def wait(env, job: str, timeout: float = 900) -> dict[str, str]:
     raise AssertionError(f"job {job} not finished after {timeout} s: {sacct(env, job)}")
 
 
-def tiny_sweep(tmp_path: Path, data_dir: Path, steps: int, ranks: list[int], save_steps: int = 2) -> Path:
+def tiny_sweep(tmp_path: Path, data_dir: Path, steps: int, ranks: list[int], save_steps: int = 2,
+               levels: tuple[str, ...] = ("department",), eval_samples: int = 40) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(f"""
 name: tiny
@@ -76,13 +77,14 @@ method: grid
 metric: {{name: accuracy, goal: maximize}}
 parameters:
   lora.r: {{values: {ranks}}}
+  data.label_level: {{values: {list(levels)}}}
   train.max_steps: {{value: {steps}}}
   train.save_steps: {{value: {save_steps}}}
   train.logging_steps: {{value: 1}}
   train.per_device_train_batch_size: {{value: 4}}
   data.max_train_samples: {{value: 200}}
   data.dir: {{value: "{data_dir}"}}
-  eval.max_samples: {{value: 40}}
+  eval.max_samples: {{value: {eval_samples}}}
 """)
     return path
 
@@ -92,7 +94,9 @@ def test_sweep_runs_as_a_job_array_ranks_and_promotes(cluster, tmp_path, data_di
     # Started outside the checkout: the driver finds the recipe, the cluster profile, the accelerate
     # config and slurm/label_catalog.sh in the checkout, not in its working directory.
     driver = sbatch(cluster, f"--output={tmp_path}/driver-%j.out", "slurm/train_sweep.sh",
-                    str(tiny_sweep(tmp_path, data_dir, steps=3, ranks=[4, 8])), "--output", str(sweep_dir),
+                    str(tiny_sweep(tmp_path, data_dir, steps=3, ranks=[4], levels=("department", "aisle"),
+                                   eval_samples=16)),
+                    "--output", str(sweep_dir),
                     "--label-catalog", str(catalog), "--label-output", str(tmp_path / "labeled"), chdir=tmp_path)
     states = wait(cluster, driver)
     log = next(tmp_path.glob("driver-*.out")).read_text()
@@ -108,25 +112,31 @@ def test_sweep_runs_as_a_job_array_ranks_and_promotes(cluster, tmp_path, data_di
     assert promoted["run"] == best and (sweep_dir / "promoted").resolve() == (sweep_dir / "runs" / best).resolve()
     # Ranked on validation; the promoted run alone was then scored on test, by a job of its own.
     assert ranked[0].startswith("rank,run,status,validation_accuracy,") and promoted["ranked_on"] == "validation"
-    assert promoted["test"]["n_eval"] == 40
+    assert promoted["test"]["n_eval"] == 16
     tested = {run.name for run in (sweep_dir / "runs").iterdir() if "test" in json.loads(
         (run / "metrics.json").read_text())}
     assert tested == {best}
     assert (sweep_dir / "leaderboard.png").stat().st_size > 0
     for run in ("tiny-000", "tiny-001"):
         assert (sweep_dir / "runs" / run / "adapter" / "adapter_model.safetensors").is_file()
-    offline = sorted((sweep_dir / "wandb").glob("offline-run-*"))
-    assert len(offline) == 2
+    records = [next(run.glob("run-*.wandb")).read_bytes() for run in (sweep_dir / "wandb").glob("offline-run-*")]
+    summaries = [r for r in records if b"sweep-summary" in r]  # the driver's one run with the leaderboard table
+    assert len(records) == 3 and len(summaries) == 1
     group = array.group(1).encode()
-    for run in offline:  # the offline log is protobuf records: look for the group and the final metrics
-        record = next(run.glob("run-*.wandb")).read_bytes()
-        assert group in record and b"macro_f1" in record
+    for record in records:  # the offline log is protobuf records: look for the group and the final metrics
+        assert group in record and (b"macro_f1" in record or record in summaries)
+    assert (sweep_dir / "sweep_report.html").stat().st_size > 10_000
+    # the sweep was over the label level: the aisle run reports the department its aisles imply
+    levels = {run: json.loads((sweep_dir / "runs" / run / "metrics.json").read_text())["validation"]
+              for run in ("tiny-000", "tiny-001")}
+    assert [levels[r]["label_level"] for r in ("tiny-000", "tiny-001")] == ["department", "aisle"]
+    assert levels["tiny-001"]["scorer"] == "trie" and "department" in levels["tiny-001"]
 
     # --label-catalog queued the labeling array on the promoted adapter, after the driver (afterok)
     labeling = wait(cluster, promoted["label_job"])
     assert set(labeling.values()) == {"COMPLETED"}, labeling
     labeled_by = set()
-    for path in (tmp_path / "labeled").rglob("*.parquet"):
+    for path in outputs(tmp_path / "labeled"):
         labeled_by |= set(pq.read_table(path).column("labeled_by").to_pylist())
     assert len(labeled_by) == 1 and labeled_by.pop().startswith(f"{best}@")
 
@@ -211,6 +221,11 @@ def catalog(tmp_path, data_dir) -> Path:
     return root
 
 
+def outputs(out: Path) -> list[Path]:
+    """The labeled files, without the bookkeeping beside them (_manifest, _report)."""
+    return [p for p in out.rglob("*.parquet") if not any(x.startswith("_") for x in p.relative_to(out).parts)]
+
+
 def test_labeling_array_covers_every_row_once(cluster, tmp_path, catalog, adapter_run):
     out = tmp_path / "labeled"
     job = sbatch({**cluster, "CATALOG_TUNER_ADAPTER": str(adapter_run)}, "--array=0-2",
@@ -218,10 +233,13 @@ def test_labeling_array_covers_every_row_once(cluster, tmp_path, catalog, adapte
     states = wait(cluster, job)
     assert set(states.values()) == {"COMPLETED"} and len(states) == 3, states
     ids = []
-    for path in out.rglob("*.parquet"):
+    for path in outputs(out):
         ids += pq.read_table(path).column("product_id").to_pylist()
     assert sorted(ids) == list(range(300))
     assert len(list((out / "_manifest").glob("*.json"))) >= 3
+    # whichever array task finished last merged the three partial reports into one
+    summary = json.loads((out / "_report" / "summary.json").read_text())
+    assert summary["rows"] == 300 and sorted(t["shard"] for t in summary["tasks"]) == ["0/3", "1/3", "2/3"]
 
 
 def test_nightly_job_queues_its_next_run(cluster, tmp_path, catalog, adapter_run):

@@ -57,7 +57,8 @@ def _checksums(root: Path) -> dict[str, str]:
 
 
 def _read_outputs(out: Path) -> pd.DataFrame:
-    files = sorted(p for p in out.rglob("*.parquet") if "_manifest" not in p.parts)
+    files = sorted(p for p in out.rglob("*.parquet")  # not the bookkeeping: _manifest, _report
+                   if not any(part.startswith("_") for part in p.relative_to(out).parts))
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 
@@ -160,30 +161,34 @@ def _without_time(table: pa.Table) -> pa.Table:
     return table.drop_columns(["labeled_at"])
 
 
-@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
-def test_an_interrupted_file_resumes_from_its_last_committed_batch(adapter_run, catalog, tmp_path, how):
-    """200 rows in batches of 16: the rerun labels only the batches not committed before the stop,
-    and the output equals an uninterrupted run's (but for the time stamp)."""
+def test_an_interrupted_file_resumes_from_its_last_committed_batch(adapter_run, catalog, tmp_path):
+    """200 rows in batches of 16, stopped twice: by SIGTERM (the batch in hand is committed, exit 75
+    for requeue), then by kill -9 after the rerun committed more. Each rerun labels only the batches
+    not committed before, and the output equals an uninterrupted run's (but for the time stamp)."""
     big = tmp_path / "big"
     big.mkdir()
     pq.write_table(pq.read_table(catalog / "a.parquet"), big / "a.parquet", row_group_size=20)
     reference = tmp_path / "reference"
     label_catalogs(adapter_run, [str(big)], reference, rows_per_batch=16, batch_size=16, progress=False)
+    out, parts_dir = tmp_path / "out", tmp_path / "out" / "_partial" / "a.parquet"
 
-    out = tmp_path / "out"
-    process = subprocess.Popen(_label_cmd(adapter_run, big, out), cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _stop_when(out, "part-000002.parquet", process, signal.SIGKILL if how == "kill -9" else signal.SIGTERM)
-    if how == "SIGTERM":
-        assert process.returncode == 75, process.stderr.read()[-2000:]  # committed, asks to be requeued
-    parts = sorted((out / "_partial" / "a.parquet").glob("part-*.parquet"))
-    committed = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
-    assert 3 * 16 <= committed < 200 and not (out / "a.parquet").exists()  # nothing visible yet
+    def committed() -> int:
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in parts_dir.glob("part-*.parquet"))
+
+    for how, part in ((signal.SIGTERM, "part-000002.parquet"), (signal.SIGKILL, "part-000006.parquet")):
+        process = subprocess.Popen(_label_cmd(adapter_run, big, out), cwd=REPO,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _stop_when(out, part, process, how)
+        if how == signal.SIGTERM:
+            assert process.returncode == 75, process.stderr.read()[-2000:]  # committed, asks to be requeued
+        assert 16 * (int(part[5:11]) + 1) <= committed() < 200 and not (out / "a.parquet").exists()
+    before_last_run = committed()
 
     result = subprocess.run(_label_cmd(adapter_run, big, out), cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads((out / "_manifest" / "a.parquet.json").read_text())
-    assert manifest["resumed_rows"] == committed  # what was committed was not labeled again
+    assert manifest["resumed_rows"] == before_last_run  # what was committed was not labeled again
+    assert manifest["stats"]["labeled"] == 200  # the report still counts the resumed batches
     labeled, expected = pq.read_table(out / "a.parquet"), pq.read_table(reference / "a.parquet")
     assert _without_time(labeled).equals(_without_time(expected))
     assert len(set(labeled.column("labeled_at").to_pylist())) == 1  # one job, one time stamp per file

@@ -123,3 +123,18 @@ def test_the_report_renders_in_a_real_browser(one_process, tmp_path):
                     f"--screenshot={screenshot}", "--window-size=1200,2400",
                     (one_process / "_report" / "report.html").as_uri()], check=True, capture_output=True, timeout=120)
     assert screenshot.stat().st_size > 20_000  # charts and tables, not a blank page
+
+
+def test_the_report_is_logged_to_wandb_offline(one_process, monkeypatch):
+    pytest.importorskip("wandb")
+    from pipeline.config import Recipe
+    from pipeline.tracking import log_label_report
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    recipe = Recipe()
+    summary = json.loads((one_process / "_report" / "summary.json").read_text())
+    review = pq.read_table(one_process / "_report" / "review_queue.parquet")
+    assert log_label_report(one_process / "_report", summary, review, recipe) is None  # tracking.wandb is off
+    recipe.tracking.wandb = True
+    folder = log_label_report(one_process / "_report", summary, review, recipe)
+    assert folder.name.startswith("offline-run-") and list(folder.glob("run-*.wandb"))
