@@ -302,7 +302,10 @@ def run_sweep(sweep_path: str, recipe_path: str, output: str, executor_kind: str
     from pipeline.report import write_sweep_report
 
     write_sweep_report(sweep_dir, ranked, swept, spec.metric, decision)
-    tracking.log_sweep_summary(sweep_dir, group, recipe.tracking.project, ranked, swept, spec.metric)
+    try:
+        tracking.log_sweep_summary(sweep_dir, group, recipe.tracking.project, ranked, swept, spec.metric)
+    except Exception as exc:  # the leaderboard and the report are written; W&B is a copy
+        log.warning("W&B sweep summary failed: %s", exc)
     if decision and label_catalog:
         decision["label_job"] = submit_labeling(sweep_dir / "promoted", label_catalog, label_output)
         write_decision(sweep_dir, decision)
@@ -316,5 +319,6 @@ def submit_labeling(adapter: Path, catalog: str, output: str | None) -> str:
         command.append(f"--dependency=afterok:{os.environ['SLURM_JOB_ID']}")
     script = shipped_file("slurm/label_catalog.sh", what="labeling script")
     command += [str(script), catalog, output or str(adapter.parent / "labeled")]
-    env = {**os.environ, "CATALOG_TUNER_ADAPTER": str(adapter)}
+    # Not WANDB_SERVICE: it names this driver's W&B service, gone by the time the labeling runs.
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "CATALOG_TUNER_ADAPTER": str(adapter)}
     return subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout.strip()
