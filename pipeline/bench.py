@@ -1,9 +1,15 @@
 """Benchmarks that print JSON; numbers, never asserts.
 
-``python -m pipeline.bench label --adapter RUN_DIR --data DATA_DIR``
-    the tutorial's free generation vs the constrained labeler on the same held-out products,
-    same adapter, same process: products/s, their ratio, accuracy, and the labeler's achieved
-    GFLOP/s against a matmul peak measured in the same run.
+``python -m pipeline.bench label --adapter RUN_DIR --data DATA_DIR [--products N] [--levers ...]``
+    the tutorial's free generation vs the constrained labeler on each inference path (float32,
+    compiled, int8 dynamic, bf16, and ``auto``: what the recipe resolves to here for a nightly
+    catalog) on the same
+    held-out products, same adapter, same process: products/s, speedup, accuracy, agreement with
+    float32, achieved GFLOP/s against the fp32 and bf16 matmul peaks measured in the same run;
+    then batch sizes and thread counts on the auto path.
+``python -m pipeline.bench profile --adapter RUN_DIR [--levers float32 float32+compiled int8-dynamic bfloat16]``
+    one labeling batch under torch.profiler on each inference path: the top operators by self CPU
+    time and their share, and the share of matrix products.
 ``python -m pipeline.bench scorers --adapter RUN_DIR --data DATA_DIR [--products N]``
     how scoring cost grows with the label set, same model and products, one process: the 20
     departments (first-token), the 134 embedded aisles (trie scorer, and the full scorer on fewer
@@ -118,58 +124,181 @@ def forward_flops(model, prompts: list[list[int]], batch_size: int) -> tuple[flo
     return 2.0 * body * padded + 2.0 * head * len(prompts), sum(lengths)
 
 
-def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: int) -> dict[str, Any]:
-    """The tutorial's free generation against the predictor on the same products, one process."""
+LEVERS: dict[str, list[str]] = {
+    "float32": ["eval.dtype=float32", "eval.compile=false"],
+    "float32+compiled": ["eval.dtype=float32", "eval.compile=true"],
+    "int8-dynamic": ["eval.dtype=float32", "eval.compile=false"],  # then quantize_linear_layers
+    "bfloat16": ["eval.dtype=bfloat16", "eval.compile=false"],
+}
+"""The inference paths the labeler benchmark compares, as recipe overrides (``eval.*``)."""
+
+
+def quantize_linear_layers(model) -> None:
+    """The int8 lever: the decoder's ``nn.Linear`` layers as ``torch.ao`` dynamic quantization
+    (int8 per-channel weights, activations quantized per batch), the LM head left in fp32.
+    Measured, not shipped: it cost the adapter 28 points of accuracy (results/README.md)."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    head = model.get_output_embeddings()
+    names = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and module is not head}
+    quantize_dynamic(model, qconfig_spec=names, dtype=torch.qint8, inplace=True)
+
+
+def lever_predictor(adapter: Path, lever: str, batch_size: int):
+    """The run's predictor on one of :data:`LEVERS` (``auto``: what the recipe resolves to for a
+    nightly catalog of a million products)."""
+    import copy
+
+    from pipeline.predict import Predictor, run_recipe
+
+    predictor = Predictor.from_run(adapter, recipe=run_recipe(adapter, LEVERS.get(lever, [])), batch_size=batch_size,
+                                   products=1_000_000)
+    if lever == "int8-dynamic":
+        predictor.model = copy.deepcopy(predictor.model)  # not the process's cached fp32 model
+        quantize_linear_layers(predictor.model)
+    return predictor
+
+
+def lever_name(predictor, lever: str) -> str:
+    return lever if lever == "int8-dynamic" else predictor.path.name
+
+
+def timed_predict(predictor, names: list[str]) -> tuple[Any, float]:
+    """One warm-up batch, then the whole list: (prediction, seconds)."""
+    predictor.predict(names[: predictor.batch_size])
+    start = time.perf_counter()
+    prediction = predictor.predict(names)
+    return prediction, time.perf_counter() - start
+
+
+def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: int, levers: list[str],
+                emulated_n: int, batch_sizes: list[int], threads: list[int]) -> dict[str, Any]:
+    """The tutorial's free generation against the predictor on each inference path, same products,
+    one process; then batch size and threads on the default path."""
+    import gc
+
     import transformers
 
     from pipeline import scoring
-    from pipeline.predict import Predictor
+    from pipeline.model import cpu_has_native_bf16
 
     test = pd.read_parquet(data / "test.parquet").head(n)
     names, truth = test["product_name"].tolist(), test["department"].tolist()
     peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
 
-    predictor = Predictor.from_run(adapter, batch_size=batch_size)
-    predictor.predict(names[:batch_size])  # warm-up
-    if predictor.calibration:
-        predictor.calibration.lexical_seconds = 0.0
-    start = time.perf_counter()
-    predicted = predictor.predict(names).labels
-    labeler_s = time.perf_counter() - start
-    lexical_s = predictor.calibration.lexical_seconds if predictor.calibration else 0.0
-    prompts, _ = scoring.encode_prompts(predictor.tokenizer, names, predictor.max_prompt_tokens)
-    flops, tokens = forward_flops(predictor.model, prompts, batch_size)
-
-    generator = transformers.pipeline("text-generation", model=predictor.model, tokenizer=predictor.tokenizer)
-    torch.manual_seed(0)
-    answers = []
-    start = time.perf_counter()
-    for name in names[:tutorial_n]:
-        prompt = name + " ->:"
-        out = generator(prompt, do_sample=True, top_k=10, max_length=100, num_return_sequences=1,
-                        eos_token_id=predictor.tokenizer.eos_token_id)
-        answers.append(parse_generation(out[0]["generated_text"], prompt, predictor.labels))
-    tutorial_s = time.perf_counter() - start
-
     def accuracy(pred: list[str | None], k: int) -> float:
         return sum(p == t for p, t in zip(pred, truth[:k])) / k
 
-    labeler_rate, tutorial_rate = n / labeler_s, tutorial_n / max(tutorial_s, 1e-9)
-    return {
-        "benchmark": "label", "command": command_line(), "adapter": str(adapter),
-        "config": predictor.recipe.to_dict(), "machine": machine(predictor.device), "products": n,
-        "tutorial_generation": {"products": tutorial_n, "seconds": round(tutorial_s, 1),
-                                "products_per_s": round(tutorial_rate, 2),
-                                "accuracy": round(accuracy(answers, tutorial_n), 4) if tutorial_n else None,
-                                "unparseable": sum(a is None for a in answers)},
-        "labeler": {"seconds": round(labeler_s, 2), "products_per_s": round(labeler_rate, 1),
-                    "accuracy": round(accuracy(predicted, n), 4), **predictor.describe(),
-                    "prompt_tokens": tokens, "achieved_gflops": round(flops / labeler_s / 1e9, 1),
-                    "lexical_seconds": round(lexical_s, 2), "lexical_share": round(lexical_s / labeler_s, 4)},
-        "speedup": round(labeler_rate / tutorial_rate, 1) if tutorial_n else None,
-        "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()},
-        "labeler_fraction_of_fp32_peak": round(flops / labeler_s / 1e9 / peak["fp32"], 3),
-    }
+    def throughput(predictor, k: int, seconds: float) -> dict[str, Any]:
+        prompts, _ = scoring.encode_prompts(predictor.tokenizer, names[:k], predictor.max_prompt_tokens)
+        flops, tokens = forward_flops(predictor.model, prompts, predictor.batch_size)
+        gflops = flops / seconds / 1e9
+        return {"products": k, "seconds": round(seconds, 2), "products_per_s": round(k / seconds, 1),
+                "prompt_tokens": tokens, "achieved_gflops": round(gflops, 1),
+                "fraction_of_fp32_peak": round(gflops / peak["fp32"], 3),
+                "fraction_of_bf16_peak": round(gflops / peak["bf16"], 3)}
+
+    paths, reference, tutorial, default_path = [], None, None, None
+    for lever in ["float32", *[lever for lever in levers if lever != "float32"]]:
+        predictor = lever_predictor(adapter, lever, batch_size)
+        emulated = predictor.path.dtype == torch.bfloat16 and predictor.device == "cpu" and not cpu_has_native_bf16()
+        k = min(n, emulated_n) if emulated else n
+        if predictor.calibration:
+            predictor.calibration.lexical_seconds = 0.0
+        prediction, seconds = timed_predict(predictor, names[:k])
+        adapter_alone = predictor.predict(names[:k], calibrated=False).labels  # untimed: the lever's own damage
+        if reference is None:
+            reference, reference_adapter = prediction, adapter_alone
+        record = {"lever": lever, **throughput(predictor, k, seconds), "accuracy": round(accuracy(prediction.labels,
+                                                                                                    k), 4),
+                  "agreement_with_float32": round(sum(a == b for a, b in zip(prediction.labels, reference.labels))
+                                                  / k, 4),
+                  "max_confidence_difference": round(max(abs(a - b) for a, b in zip(prediction.confidences,
+                                                                                    reference.confidences)), 4),
+                  "adapter_accuracy": round(accuracy(adapter_alone, k), 4),
+                  "adapter_agreement_with_float32": round(sum(a == b for a, b in zip(adapter_alone,
+                                                                                       reference_adapter)) / k, 4),
+                  "bf16_emulated": emulated, **predictor.describe(), "inference_path": lever_name(predictor, lever)}
+        if predictor.calibration:
+            record["lexical_share"] = round(predictor.calibration.lexical_seconds / seconds, 4)
+        paths.append(record)
+        if lever == "auto":
+            default_path = predictor
+        if lever == "float32" and tutorial_n:
+            generator = transformers.pipeline("text-generation", model=predictor.model, tokenizer=predictor.tokenizer)
+            torch.manual_seed(0)
+            answers = []
+            start = time.perf_counter()
+            for name in names[:tutorial_n]:
+                prompt = name + " ->:"
+                out = generator(prompt, do_sample=True, top_k=10, max_length=100, num_return_sequences=1,
+                                eos_token_id=predictor.tokenizer.eos_token_id)
+                answers.append(parse_generation(out[0]["generated_text"], prompt, predictor.labels))
+            tutorial_s = time.perf_counter() - start
+            tutorial = {"products": tutorial_n, "seconds": round(tutorial_s, 1),
+                        "products_per_s": round(tutorial_n / tutorial_s, 2),
+                        "accuracy": round(accuracy(answers, tutorial_n), 4),
+                        "unparseable": sum(a is None for a in answers)}
+        if predictor is not default_path:
+            del predictor
+            gc.collect()
+
+    tuning = []
+    if default_path is not None:
+        for size in batch_sizes:
+            default_path.batch_size = size
+            _, seconds = timed_predict(default_path, names)
+            tuning.append({"batch_size": size, "threads": torch.get_num_threads(),
+                           "products_per_s": round(n / seconds, 1)})
+        default_path.batch_size = batch_size
+        all_threads = torch.get_num_threads()
+        for count in threads:
+            torch.set_num_threads(count)
+            _, seconds = timed_predict(default_path, names)
+            tuning.append({"batch_size": batch_size, "threads": count, "products_per_s": round(n / seconds, 1)})
+        torch.set_num_threads(all_threads)
+    for record in paths:
+        if tutorial:
+            record["speedup_vs_tutorial"] = round(record["products_per_s"] / tutorial["products_per_s"], 1)
+    return {"benchmark": "label", "command": command_line(), "adapter": str(adapter), "machine": machine("cpu"),
+            "products": n, "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()},
+            "tutorial_generation": tutorial, "paths": paths, "batch_size_and_threads": tuning}
+
+
+MATMUL_OPERATORS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear",
+                    "quantized::linear_dynamic", "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def bench_profile(adapter: Path, data: Path, batch_size: int, levers: list[str], top: int) -> dict[str, Any]:
+    """Where one labeling batch spends its time on each path: torch.profiler's operators by self
+    CPU time, with their share of the batch, and the share of all matrix products."""
+    import gc
+
+    from torch.profiler import ProfilerActivity, profile
+
+    names = pd.read_parquet(data / "test.parquet")["product_name"].head(batch_size).tolist()
+    records = []
+    for lever in levers:
+        predictor = lever_predictor(adapter, lever, batch_size)
+        predictor.predict(names)  # warm-up
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            predictor.predict(names)
+        seconds = time.perf_counter() - start
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        total = sum(e.self_cpu_time_total for e in events)
+        events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+        records.append({
+            "lever": lever, "inference_path": lever_name(predictor, lever), "products": len(names),
+            "seconds_profiled": round(seconds, 3),
+            "matmul_share": round(sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPERATORS) / total, 3),
+            "operators": [{"operator": e.key, "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 2),
+                           "share": round(e.self_cpu_time_total / total, 4)} for e in events[:top]]})
+        del predictor
+        gc.collect()
+    return {"benchmark": "profile", "command": command_line(), "adapter": str(adapter), "machine": machine("cpu"),
+            "batch_size": batch_size, "paths": records}
 
 
 def bench_quality(run: Path) -> dict[str, Any]:
@@ -424,8 +553,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapter", default="runs/demo")
     p.add_argument("--data", default="data/instacart")
     p.add_argument("--products", type=int, default=2000)
-    p.add_argument("--tutorial-products", type=int, default=2000)
+    p.add_argument("--tutorial-products", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--levers", nargs="*", default=["auto", "int8-dynamic", "bfloat16"],
+                   help=f"inference paths besides float32: auto (what eval.* resolves to here), {', '.join(LEVERS)}")
+    p.add_argument("--emulated-products", type=int, default=64,
+                   help="products for bf16 where the CPU emulates it (a hundred times slower)")
+    p.add_argument("--batch-sizes", type=int, nargs="*", default=[16, 32, 128],
+                   help="batch sizes tried on the auto path (besides --batch-size)")
+    p.add_argument("--threads", type=int, nargs="*", default=[1], help="intra-op thread counts tried on auto")
+    p = commands.add_parser("profile")
+    p.add_argument("--adapter", default="runs/demo")
+    p.add_argument("--data", default="data/instacart")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--levers", nargs="*", default=list(LEVERS))
+    p.add_argument("--top", type=int, default=12)
     p = commands.add_parser("quality")
     p.add_argument("--run", default="runs/demo")
     p = commands.add_parser("scorers")
@@ -469,7 +611,9 @@ def main(argv: list[str] | None = None) -> None:
             Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
     elif args.command == "label":
         result = bench_label(Path(args.adapter), Path(args.data), args.products, args.tutorial_products,
-                             args.batch_size)
+                             args.batch_size, args.levers, args.emulated_products, args.batch_sizes, args.threads)
+    elif args.command == "profile":
+        result = bench_profile(Path(args.adapter), Path(args.data), args.batch_size, args.levers, args.top)
     elif args.command == "quality":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         result = bench_quality(Path(args.run))

@@ -234,9 +234,11 @@ def fit(run_dir: str | Path, recipe: Recipe, progress: bool = True) -> dict[str,
 
     log.info("calibrating %s on %d validation rows", run, len(names))
     adapter = predictor.predict(names, progress=progress).log_probs
-    train_path = data_dir / "train.parquet"
-    lexical = baseline.fitted(train_path, read_split(train_path, level=level), level)
-    decisions = torch.from_numpy(baseline.decision_matrix(lexical["model"], names, predictor.labels)).float()
+    lexical, decisions = None, torch.zeros_like(adapter)
+    if recipe.eval.blend:  # the lexical model is fitted (or read from its cache) only to be tried
+        train_path = data_dir / "train.parquet"
+        lexical = baseline.fitted(train_path, read_split(train_path, level=level), level)
+        decisions = torch.from_numpy(baseline.decision_matrix(lexical["model"], names, predictor.labels)).float()
 
     best, kept, grid = choose_blend(adapter, decisions, truth, BLEND_WEIGHTS if recipe.eval.blend else ())
     scores = blend_log_probs(adapter, decisions, best) if kept else adapter
@@ -251,7 +253,7 @@ def fit(run_dir: str | Path, recipe: Recipe, progress: bool = True) -> dict[str,
         "fitted_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "blend": {"kept": kept, "weight": best, "weights_tried": grid,
                   "lexical": {"name": lexical["name"], "c": lexical["c"], "n_train": lexical["n_train"],
-                              "sha256": lexical_sha256(run) if kept else None},
+                              "sha256": lexical_sha256(run) if kept else None} if lexical else None,
                   "reason": (f"w={best} beats the adapter alone on validation" if kept else
                              "no weight beats the adapter alone on validation" if recipe.eval.blend else
                              "eval.blend is false")},

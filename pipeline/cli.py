@@ -86,7 +86,7 @@ def _label(args: argparse.Namespace) -> int:
                               only_missing=args.only_missing, fail_fast=args.fail_fast,
                               text_column=args.text_column, id_column=args.id_column,
                               rows_per_batch=args.rows_per_batch, batch_size=args.batch_size,
-                              review_max=args.review_max)
+                              review_max=args.review_max, overrides=args.overrides)
     print(summarize(outcomes))
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-batch", type=int, default=4096, help="rows read, labeled and written at a time")
     p.add_argument("--review-max", type=int, help="rows in the report's review queue (default: the recipe's "
                    "label.review_max, 1000)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="section.key=value",
+                   help="override the run's recipe for this job, e.g. --set eval.compile=false")
     p.set_defaults(func=_label)
     return parser
 

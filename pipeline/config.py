@@ -115,7 +115,10 @@ class EvalConfig:
     scorer: str = "auto"
     """``auto`` (first-token when the labels allow it), ``first_token`` or ``full``."""
     dtype: str = "auto"
-    """Inference dtype: ``auto`` is fp32 on CPU (3x faster than bf16 here), bf16 on CUDA."""
+    """Inference dtype: ``auto`` is bf16 on CUDA, fp32 on CPU (``pipeline.model.inference_path``)."""
+    compile: str = "auto"
+    """``torch.compile`` the scoring model: ``true``, ``false``, or ``auto``: on CPU, for labeling
+    jobs large enough to pay the compile time back (``pipeline.model.inference_path``)."""
     baseline: bool = True
     """Report the TF-IDF + linear SVM baseline (``pipeline.baseline``) fitted on the same split."""
     blend: bool = True

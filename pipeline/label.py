@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from pipeline.atomic import publish, temporary_path, write_atomic, write_json_atomic
 from pipeline.config import LabelConfig
 from pipeline.errors import LabelError, LabelingInterrupted
-from pipeline.predict import Predictor, sha256_file
+from pipeline.predict import Predictor, run_recipe, sha256_file
 from pipeline.progress import progress_bar
 from pipeline.report import LabelStats, finish_job
 from pipeline.scoring import Prediction
@@ -192,11 +192,16 @@ class Labeler:
 
     run_dir: Path
     batch_size: int = 64
+    overrides: list[str] = field(default_factory=list)
+    """Dotted overrides of the run's recipe for this job, e.g. ``eval.compile=false``."""
+    products: int | None = None
+    """Rows this job will label, for ``eval.compile: auto``."""
     labeled_by: str = field(init=False)
     predictor: Predictor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.predictor = Predictor.from_run(self.run_dir, batch_size=self.batch_size)
+        self.predictor = Predictor.from_run(self.run_dir, recipe=run_recipe(self.run_dir, self.overrides),
+                                            batch_size=self.batch_size, products=self.products)
         self.labeled_by = str(self.predictor.identity["labeled_by"])
 
     def provenance(self) -> dict[str, Any]:
@@ -444,7 +449,8 @@ def _verify_ids(original: Path, rewritten: Path, id_column: str) -> None:
 def label_catalogs(adapter: str | Path, catalogs: list[str], out_dir: str | Path, *, shard: str | None = None,
                    in_place: bool = False, only_missing: bool = False, fail_fast: bool = False,
                    text_column: str = "product_name", id_column: str = "product_id", rows_per_batch: int = 4096,
-                   batch_size: int = 64, progress: bool = True, review_max: int | None = None) -> list[Outcome]:
+                   batch_size: int = 64, progress: bool = True, review_max: int | None = None,
+                   overrides: list[str] | None = None) -> list[Outcome]:
     """Label every input row of this shard, then write the job's report (``pipeline.report``)."""
     inputs = find_inputs(catalogs)
     position = parse_shard(shard)
@@ -454,7 +460,8 @@ def label_catalogs(adapter: str | Path, catalogs: list[str], out_dir: str | Path
         return outcomes
     if in_place and any(not u.whole_file for u in units):
         raise LabelError("--in-place cannot split a file between shards; use as many shards as files or fewer")
-    labeler = Labeler(Path(adapter), batch_size=batch_size)
+    labeler = Labeler(Path(adapter), batch_size=batch_size, overrides=overrides or [],
+                      products=sum(u.rows for u in units))
     settings = labeler.predictor.recipe.label
     if review_max is not None:
         settings = dataclasses.replace(settings, review_max=review_max)

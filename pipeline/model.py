@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from pipeline.config import LoraConfig, ModelConfig
-from pipeline.errors import ModelError
+from pipeline.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,7 @@ def train_device() -> str:
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """``auto`` is bf16 on CUDA and fp32 on CPU: whole-model bf16 inference ran 7x slower than
-    fp32 even on an AMX CPU (the labeler benchmark)."""
+    """A dtype by name; ``auto`` is bf16 on CUDA and fp32 on CPU (see :func:`inference_path`)."""
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
@@ -155,6 +155,53 @@ def resolve_compute_dtype(name: str, device: str, flags: set[str] | None = None)
         native_bf16 = device.startswith("cuda") or cpu_has_native_bf16(flags)
         return torch.bfloat16 if native_bf16 else torch.float32
     return resolve_dtype(name, device)
+
+
+COMPILE_CHOICES = ("auto", "true", "false")
+COMPILE_MIN_PRODUCTS = 50_000
+"""Where ``eval.compile: auto`` compiles on CPU: compiling the 135M model took 208 s on 2 cores
+and saved 5.6 ms a product (31.1 -> 37.7 products/s), paid back after about 37,000 products."""
+
+
+@dataclass(frozen=True)
+class InferencePath:
+    """How a merged model scores: the dtype of its weights and activations, and whether its
+    forward pass is compiled (``torch.compile``, inductor with frozen weights: fused
+    element-wise kernels and weights prepacked for the CPU's matmul library)."""
+
+    dtype: torch.dtype
+    compiled: bool = False
+
+    @property
+    def name(self) -> str:
+        """What manifests and benchmarks record: ``float32``, ``float32+compiled``, ``bfloat16``..."""
+        return str(self.dtype).removeprefix("torch.") + ("+compiled" if self.compiled else "")
+
+
+def inference_path(dtype: str, compile: str, device: str, products: int | None = None) -> InferencePath:
+    """The path ``eval.dtype`` and ``eval.compile`` give on ``device`` for a job of ``products``
+    products (None: unknown): the one place that decides it.
+
+    ``auto``: bf16 on CUDA, fp32 on CPU (whole-model bf16 ran 3x slower than fp32 where bf16 is
+    emulated and 7x slower even on an AMX CPU; int8 dynamic quantization was 1.35x faster but
+    cost 28 points of the adapter's accuracy: results/README.md). Compiled on CPU for jobs of at
+    least :data:`COMPILE_MIN_PRODUCTS`, where the compile time pays back.
+    """
+    choice = str(compile).lower()  # YAML and dotted overrides give false as a bool
+    if choice not in COMPILE_CHOICES:
+        raise ConfigError(f"eval.compile must be one of {', '.join(COMPILE_CHOICES)}, got {compile!r}")
+    torch_dtype = resolve_dtype(dtype, device)
+    if choice == "auto":
+        compiled = not device.startswith("cuda") and products is not None and products >= COMPILE_MIN_PRODUCTS
+    else:
+        compiled = choice == "true"
+    return InferencePath(torch_dtype, compiled)
+
+
+def compile_for_inference(model):
+    """``model`` with its forward pass compiled for scoring (dynamic shapes: every batch has its
+    own length). Compiling happens at the first call; the logits equal eager mode's to 1e-4."""
+    return torch.compile(model, dynamic=True, options={"freezing": True})
 
 
 def quantization_config(cfg: ModelConfig, device: str) -> BitsAndBytesConfig | None:
@@ -211,8 +258,9 @@ def peft_lora_config(cfg: LoraConfig):
     )
 
 
-def load_for_inference(run_dir: str | Path, model_cfg: ModelConfig, device: str, dtype: torch.dtype):
-    """Base model in ``dtype`` with the run's adapter merged into its weights, plus tokenizer.
+def load_for_inference(run_dir: str | Path, model_cfg: ModelConfig, device: str, path: InferencePath):
+    """Base model on ``path`` (its dtype, compiled or not) with the run's adapter merged into its
+    weights, plus tokenizer.
 
     The only place that merges an adapter for inference; ``pipeline.predict.Predictor`` calls it.
 
@@ -227,18 +275,18 @@ def load_for_inference(run_dir: str | Path, model_cfg: ModelConfig, device: str,
     adapter = Path(run_dir) / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise ModelError(f"{adapter}: no adapter_config.json (is {run_dir} a finished run directory?)")
-    path = resolve_base_model(model_cfg.base_model)
-    tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else path, model_cfg)
+    base = resolve_base_model(model_cfg.base_model)
+    tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else base, model_cfg)
     if model_cfg.quantization == "none":
-        model = load_base_model(path, model_cfg, device, quantize=False, dtype=dtype)
+        model = load_base_model(base, model_cfg, device, quantize=False, dtype=path.dtype)
     else:
-        model = load_base_model(path, model_cfg, device, quantize=True).dequantize().to(dtype)
+        model = load_base_model(base, model_cfg, device, quantize=True).dequantize().to(path.dtype)
     fit_embeddings(model, tokenizer)
     model = PeftModel.from_pretrained(model, str(adapter))
     untie_output_embeddings(model)
     model = model.merge_and_unload()
     model.eval()
-    return model, tokenizer
+    return (compile_for_inference(model) if path.compiled else model), tokenizer
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from pipeline import calibrate, scoring
 from pipeline.config import Recipe, load_recipe
 from pipeline.data import read_labels, read_taxonomy
 from pipeline.errors import ModelError
-from pipeline.model import load_for_inference, resolve_dtype, train_device
+from pipeline.model import InferencePath, inference_path, load_for_inference, train_device
 
 
 def run_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -56,6 +56,25 @@ def run_identity(run_dir: str | Path) -> dict[str, str | None]:
     return {"labeled_by": labeled_by, "adapter_sha256": adapter, "lexical_sha256": lexical}
 
 
+_merged: dict[tuple, tuple[Any, PreTrainedTokenizerBase]] = {}
+
+
+def merged_model(run: Path, recipe: Recipe, device: str, path: InferencePath, adapter_sha256: str):
+    """:func:`pipeline.model.load_for_inference`, kept for the last run loaded in this process.
+
+    ``train`` calibrates and then evaluates each split, each through a Predictor of the same
+    run, and a test session labels with one adapter dozens of times: each load re-quantizes the
+    base and merges the adapter (5 s for the 135M model, minutes for a 7B one). Keyed by the
+    adapter's hash, so a retrained run is reloaded; one model at a time, since a merged 7B model
+    in fp32 is 28 GB.
+    """
+    key = (str(run), adapter_sha256, repr(recipe.model), device, path)
+    if key not in _merged:
+        _merged.clear()
+        _merged[key] = load_for_inference(run, recipe.model, device, path)
+    return _merged[key]
+
+
 @dataclass
 class Predictor:
     """A run's adapter merged into its base model, ready to score product names."""
@@ -66,32 +85,34 @@ class Predictor:
     tokenizer: PreTrainedTokenizerBase
     labels: list[str]
     scorer: str
-    """``first_token`` or ``full``, chosen once for the run's label set."""
+    """``first_token``, ``trie`` or ``full``, chosen once for the run's label set."""
     max_prompt_tokens: int
     """Names longer than the recipe's ``train.max_length`` keep their head (status ``truncated``)."""
     batch_size: int
     device: str
-    dtype: torch.dtype
+    path: InferencePath
+    """dtype and compiled or not (``eval.dtype``, ``eval.compile``), resolved for this job."""
     calibration: calibrate.Calibration | None = None
     identity: dict[str, str | None] = field(default_factory=dict)
+    """``labeled_by`` and the hashes behind it (:func:`run_identity`)."""
     level: str = "department"
     """The label level the model predicts (``data.label_level``)."""
     parent: dict[str, str] | None = None
     """Each label's department, for an aisle-level run (from RUN_DIR/taxonomy.json)."""
-    """``labeled_by`` and the hashes behind it (:func:`run_identity`)."""
 
     @classmethod
     def from_run(cls, run_dir: str | Path, recipe: Recipe | None = None, batch_size: int | None = None,
-                 calibrated: bool = True) -> Predictor:
+                 calibrated: bool = True, products: int | None = None) -> Predictor:
         """Load RUN_DIR (or ``SWEEP_DIR/promoted``); ``recipe`` defaults to the run's own.
-        ``calibrated=False`` scores with the adapter alone (what calibration is fitted on)."""
+        ``calibrated=False`` scores with the adapter alone (what calibration is fitted on);
+        ``products``, the job's size where known, lets ``eval.compile: auto`` decide."""
         run = Path(run_dir).resolve()
         recipe = recipe or run_recipe(run)
         identity = run_identity(run_dir)
         labels = read_labels(run / "labels.json")
         device = train_device()
-        dtype = resolve_dtype(recipe.eval.dtype, device)
-        model, tokenizer = load_for_inference(run, recipe.model, device, dtype)
+        path = inference_path(recipe.eval.dtype, recipe.eval.compile, device, products)
+        model, tokenizer = merged_model(run, recipe, device, path, str(identity["adapter_sha256"]))
         tree = read_taxonomy(run / "taxonomy.json")
         level = recipe.data.label_level
         parent = tree["parent"][level] if tree and level != "department" else None
@@ -99,7 +120,7 @@ class Predictor:
                    parent=parent,
                    scorer=scoring.choose_scorer(recipe.eval.scorer, tokenizer, labels),
                    max_prompt_tokens=recipe.train.max_length, batch_size=batch_size or recipe.eval.batch_size,
-                   device=device, dtype=dtype, identity=identity,
+                   device=device, path=path, identity=identity,
                    calibration=calibrate.load(run, labels) if calibrated else None)
 
     def predict(self, names: list[str | None], progress: bool = False, calibrated: bool = True) -> scoring.Prediction:
@@ -130,7 +151,8 @@ class Predictor:
     def describe(self) -> dict[str, Any]:
         """How this predictor scores, for manifests and benchmark records."""
         return {**self.identity, "base_model": self.recipe.model.base_model, "scorer": self.scorer,
-                "device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
+                "device": self.device, "dtype": str(self.path.dtype).removeprefix("torch."),
+                "inference_path": self.path.name,
                 "batch_size": self.batch_size, "max_prompt_tokens": self.max_prompt_tokens,
                 "label_level": self.level,
                 "calibration": self.calibration.describe() if self.calibration else None}

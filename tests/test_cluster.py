@@ -69,7 +69,8 @@ def wait(env, job: str, timeout: float = 900) -> dict[str, str]:
 
 
 def tiny_sweep(tmp_path: Path, data_dir: Path, steps: int, ranks: list[int], save_steps: int = 2,
-               levels: tuple[str, ...] = ("department",), eval_samples: int = 40) -> Path:
+               levels: tuple[str, ...] = ("department",), eval_samples: int = 16) -> Path:
+    """A sweep small enough for two cores: blend and baseline, tested elsewhere, are off."""
     path = tmp_path / "tiny.yaml"
     path.write_text(f"""
 name: tiny
@@ -85,6 +86,8 @@ parameters:
   data.max_train_samples: {{value: 200}}
   data.dir: {{value: "{data_dir}"}}
   eval.max_samples: {{value: {eval_samples}}}
+  eval.baseline: {{value: false}}
+  eval.blend: {{value: false}}
 """)
     return path
 
@@ -94,8 +97,7 @@ def test_sweep_runs_as_a_job_array_ranks_and_promotes(cluster, tmp_path, data_di
     # Started outside the checkout: the driver finds the recipe, the cluster profile, the accelerate
     # config and slurm/label_catalog.sh in the checkout, not in its working directory.
     driver = sbatch(cluster, f"--output={tmp_path}/driver-%j.out", "slurm/train_sweep.sh",
-                    str(tiny_sweep(tmp_path, data_dir, steps=3, ranks=[4], levels=("department", "aisle"),
-                                   eval_samples=16)),
+                    str(tiny_sweep(tmp_path, data_dir, steps=3, ranks=[4], levels=("department", "aisle"))),
                     "--output", str(sweep_dir),
                     "--label-catalog", str(catalog), "--label-output", str(tmp_path / "labeled"), chdir=tmp_path)
     states = wait(cluster, driver)
@@ -163,7 +165,7 @@ def assert_resumed_to_the_end(run: Path, steps: int) -> int:
 
 def test_requeued_task_resumes_from_its_checkpoint(cluster, tmp_path, data_dir, base_model_path):
     sweep_dir = tmp_path / "sweep"
-    steps = 30
+    steps = 20
     driver = sbatch(cluster, f"--output={tmp_path}/driver-%j.out", "slurm/train_sweep.sh",
                     str(tiny_sweep(tmp_path, data_dir, steps=steps, ranks=[4], save_steps=1000)),
                     "--output", str(sweep_dir))
@@ -187,7 +189,7 @@ def test_time_limit_signal_checkpoints_and_requeues(cluster, tmp_path, data_dir,
     signal (30-60 s after each start) left time for 10-20 steps per allocation, and once training
     was done it kept landing before the rerun's evaluation ended (8 reruns, 18 minutes, no end)."""
     sweep_dir = tmp_path / "sweep"
-    steps = 30
+    steps = 20
     driver = sbatch(cluster, f"--output={tmp_path}/driver-%j.out", "slurm/train_sweep.sh",
                     str(tiny_sweep(tmp_path, data_dir, steps=steps, ranks=[4], save_steps=1000)),
                     "--output", str(sweep_dir), "--profile-set", "time_min=5", "--profile-set", "signal_delay_s=60")
@@ -209,15 +211,19 @@ def test_time_limit_signal_checkpoints_and_requeues(cluster, tmp_path, data_dir,
     assert f"stopped at step {resumed_at} of {steps} after a checkpoint" in log, log[-3000:]
 
 
+CATALOG_ROWS = 120
+
+
 @pytest.fixture()
 def catalog(tmp_path, data_dir) -> Path:
-    names = pq.read_table(data_dir / "test.parquet").column("product_name").to_pylist()[:300]
+    names = pq.read_table(data_dir / "test.parquet").column("product_name").to_pylist()[:CATALOG_ROWS]
     root = tmp_path / "catalog"
     root.mkdir()
+    half = CATALOG_ROWS // 2
     for i in range(2):
-        part = names[i * 150:(i + 1) * 150]
-        pq.write_table(pa.table({"product_id": list(range(i * 150, i * 150 + len(part))), "product_name": part}),
-                       root / f"part-{i}.parquet", row_group_size=25)
+        part = names[i * half:(i + 1) * half]
+        pq.write_table(pa.table({"product_id": list(range(i * half, i * half + len(part))), "product_name": part}),
+                       root / f"part-{i}.parquet", row_group_size=10)
     return root
 
 
@@ -235,11 +241,11 @@ def test_labeling_array_covers_every_row_once(cluster, tmp_path, catalog, adapte
     ids = []
     for path in outputs(out):
         ids += pq.read_table(path).column("product_id").to_pylist()
-    assert sorted(ids) == list(range(300))
+    assert sorted(ids) == list(range(CATALOG_ROWS))
     assert len(list((out / "_manifest").glob("*.json"))) >= 3
     # whichever array task finished last merged the three partial reports into one
     summary = json.loads((out / "_report" / "summary.json").read_text())
-    assert summary["rows"] == 300 and sorted(t["shard"] for t in summary["tasks"]) == ["0/3", "1/3", "2/3"]
+    assert summary["rows"] == CATALOG_ROWS and sorted(t["shard"] for t in summary["tasks"]) == ["0/3", "1/3", "2/3"]
 
 
 def test_nightly_job_queues_its_next_run(cluster, tmp_path, catalog, adapter_run):

@@ -84,6 +84,7 @@ def test_labels_every_row_keeping_inputs_intact(adapter_run, labeler, catalog, t
         assert entry["output_sha256"] == sha256_file(out / name)
         assert entry["adapter_sha256"].startswith(labeler.labeled_by.split("@")[1])
         assert entry["labels"] == labels and entry["base_model"] == "embedded:smollm2-135m"
+        assert entry["inference_path"] == "float32"  # 331 rows: auto does not compile so small a job
     odd = pq.read_table(out / "c.parquet").to_pandas()
     assert odd["label_status"].tolist() == ["empty_name"] * 3 + ["ok"] * 4 + ["truncated"] + ["ok"] * 3
     assert odd.loc[:2, "department"].isna().all() and odd.loc[3:, "department"].notna().all()
@@ -109,7 +110,7 @@ def test_rerun_skips_finished_files(adapter_run, catalog, tmp_path):
     assert (out / "a.parquet").stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("count", [1, 2, 3, 7])
+@pytest.mark.parametrize("count", [3, 7])  # one shard per file, and files split between shards
 def test_shards_cover_every_row_exactly_once(adapter_run, catalog, tmp_path, count):
     out = tmp_path / "out"
     for index in range(count):

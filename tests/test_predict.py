@@ -35,8 +35,9 @@ def test_evaluate_label_and_bench_agree_on_200_test_products(adapter_run, data_d
     labeled = pd.read_parquet(tmp_path / "labeled" / "catalog.parquet")
     assert len(evaluated) == 200 and labeled["department"].tolist() == evaluated["predicted"].tolist()
     assert labeled["department_confidence"].to_numpy() == pytest.approx(evaluated["confidence"].to_numpy(), abs=1e-5)
-    bench = bench_label(run, data_dir, 200, 0, batch_size=32)
-    assert bench["labeler"]["accuracy"] == round(metrics["test"]["accuracy"], 4)
+    bench = bench_label(run, data_dir, 200, 0, batch_size=32, levers=[], emulated_n=0, batch_sizes=[], threads=[])
+    assert [p["inference_path"] for p in bench["paths"]] == ["float32"]
+    assert bench["paths"][0]["accuracy"] == round(metrics["test"]["accuracy"], 4)
 
 
 def test_a_promoted_link_is_a_run_directory(adapter_run, tmp_path):
@@ -65,3 +66,19 @@ def test_the_driver_and_launcher_start_without_the_ml_stack():
     assert helped.returncode == 0 and "--executor" in helped.stdout
     imported = {line.split("|")[-1].strip() for line in helped.stderr.splitlines() if line.startswith("import time")}
     assert not imported & set(HEAVY_MODULES)
+
+
+def test_auto_inference_path_compiles_only_cpu_jobs_that_pay_it_back():
+    import torch
+
+    from pipeline.errors import ConfigError
+    from pipeline.model import COMPILE_MIN_PRODUCTS, InferencePath, inference_path
+
+    assert inference_path("auto", "auto", "cpu") == InferencePath(torch.float32, compiled=False)
+    assert not inference_path("auto", "auto", "cpu", products=COMPILE_MIN_PRODUCTS - 1).compiled
+    assert inference_path("auto", "auto", "cpu", products=10**6).name == "float32+compiled"
+    assert inference_path("auto", "auto", "cuda:0", products=10**6).name == "bfloat16"
+    assert inference_path("auto", "false", "cpu", products=10**6).name == "float32"
+    assert inference_path("float32", "true", "cpu", products=10).name == "float32+compiled"
+    with pytest.raises(ConfigError, match="eval.compile"):
+        inference_path("auto", "yes", "cpu")

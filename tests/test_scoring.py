@@ -122,3 +122,24 @@ def test_blend_renormalises_and_can_overturn_the_model():
     assert torch.allclose(blended.exp().sum(-1), torch.ones(2))
     assert scoring.best_labels(["a", "b"], blended).labels == ["b", "a"]  # a strong lexical vote wins
     assert torch.allclose(scoring.blend_log_probs(log_probs, lexical, weight=0.0), log_probs)
+
+
+def test_the_compiled_path_scores_like_eager_mode(base_model, tokenizer, data_dir):
+    """The compiled path (``eval.compile``) on 200 products, first-token and trie scorers. A
+    two-layer cut of the real model keeps the compile to seconds; the path is the same code."""
+    import copy
+
+    import pandas as pd
+
+    from pipeline.model import compile_for_inference
+
+    model = copy.deepcopy(base_model)
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    names = pd.read_parquet(data_dir / "test.parquet")["product_name"].head(200).tolist()
+    for labels, count in ((sorted(pd.read_parquet(data_dir / "train.parquet")["department"].unique()), 200),
+                          (embedded_aisles()[:40], 16)):
+        eager = scoring.predict(model, tokenizer, names[:count], labels, batch_size=32)
+        compiled = scoring.predict(compile_for_inference(model), tokenizer, names[:count], labels, batch_size=32)
+        assert compiled.labels == eager.labels
+        assert compiled.log_probs.numpy() == pytest.approx(eager.log_probs.numpy(), abs=1e-4)

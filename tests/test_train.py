@@ -168,10 +168,10 @@ def test_inference_merges_the_adapter_into_the_base_it_was_trained_on(tiny_run):
     from bitsandbytes.functional import dequantize_4bit
     from safetensors.torch import load_file
 
-    from pipeline.model import load_base_model, load_for_inference, resolve_base_model
+    from pipeline.model import InferencePath, load_base_model, load_for_inference, resolve_base_model
 
     run, recipe, _ = tiny_run
-    merged, _ = load_for_inference(run, recipe.model, "cpu", torch.float32)
+    merged, _ = load_for_inference(run, recipe.model, "cpu", InferencePath(torch.float32))
     path = resolve_base_model(recipe.model.base_model)
     trained_on = load_base_model(path, recipe.model, "cpu", quantize=True).model.layers[0].self_attn.q_proj
     nf4 = dequantize_4bit(trained_on.weight.data, trained_on.weight.quant_state).float()
@@ -214,7 +214,7 @@ def test_inference_merges_an_input_embedding_adapter_without_touching_the_tied_l
     from peft import LoraConfig, get_peft_model
 
     from pipeline.config import load_recipe
-    from pipeline.model import load_base_model, load_for_inference, resolve_base_model
+    from pipeline.model import InferencePath, load_base_model, load_for_inference, resolve_base_model
 
     run = tmp_path / "run"
     shutil.copytree(adapter_run, run)
@@ -225,7 +225,7 @@ def test_inference_merges_an_input_embedding_adapter_without_touching_the_tied_l
     trained = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False))
     shutil.rmtree(run / "adapter")
     trained.save_pretrained(run / "adapter")
-    merged, tokenizer = load_for_inference(run, recipe.model, "cpu", torch.float32)
+    merged, tokenizer = load_for_inference(run, recipe.model, "cpu", InferencePath(torch.float32))
     ids = tokenizer(["Bread Rolls ->:"], return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(merged(**ids).logits, trained.eval()(**ids).logits, atol=1e-3)
