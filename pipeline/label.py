@@ -193,15 +193,13 @@ class Labeler:
     run_dir: Path
     batch_size: int = 64
     overrides: list[str] = field(default_factory=list)
-    """Dotted overrides of the run's recipe for this job, e.g. ``eval.compile=false``."""
-    products: int | None = None
-    """Rows this job will label, for ``eval.compile: auto``."""
+    """Dotted overrides of the run's recipe for this job, e.g. ``eval.batch_size=32``."""
     labeled_by: str = field(init=False)
     predictor: Predictor = field(init=False)
 
     def __post_init__(self) -> None:
         self.predictor = Predictor.from_run(self.run_dir, recipe=run_recipe(self.run_dir, self.overrides),
-                                            batch_size=self.batch_size, products=self.products)
+                                            batch_size=self.batch_size)
         self.labeled_by = str(self.predictor.identity["labeled_by"])
 
     def provenance(self) -> dict[str, Any]:
@@ -460,8 +458,7 @@ def label_catalogs(adapter: str | Path, catalogs: list[str], out_dir: str | Path
         return outcomes
     if in_place and any(not u.whole_file for u in units):
         raise LabelError("--in-place cannot split a file between shards; use as many shards as files or fewer")
-    labeler = Labeler(Path(adapter), batch_size=batch_size, overrides=overrides or [],
-                      products=sum(u.rows for u in units))
+    labeler = Labeler(Path(adapter), batch_size=batch_size, overrides=overrides or [])
     settings = labeler.predictor.recipe.label
     if review_max is not None:
         settings = dataclasses.replace(settings, review_max=review_max)

@@ -157,12 +157,6 @@ def resolve_compute_dtype(name: str, device: str, flags: set[str] | None = None)
     return resolve_dtype(name, device)
 
 
-COMPILE_CHOICES = ("auto", "true", "false")
-COMPILE_MIN_PRODUCTS = 50_000
-"""Where ``eval.compile: auto`` compiles on CPU: compiling the 135M model took 208 s on 2 cores
-and saved 5.6 ms a product (31.1 -> 37.7 products/s), paid back after about 37,000 products."""
-
-
 @dataclass(frozen=True)
 class InferencePath:
     """How a merged model scores: the dtype of its weights and activations, and whether its
@@ -178,30 +172,27 @@ class InferencePath:
         return str(self.dtype).removeprefix("torch.") + ("+compiled" if self.compiled else "")
 
 
-def inference_path(dtype: str, compile: str, device: str, products: int | None = None) -> InferencePath:
-    """The path ``eval.dtype`` and ``eval.compile`` give on ``device`` for a job of ``products``
-    products (None: unknown): the one place that decides it.
+def inference_path(dtype: str, compile: bool, device: str) -> InferencePath:
+    """The path ``eval.dtype`` and ``eval.compile`` give on ``device``: the one place that decides it.
 
-    ``auto``: bf16 on CUDA, fp32 on CPU (whole-model bf16 ran 3x slower than fp32 where bf16 is
-    emulated and 7x slower even on an AMX CPU; int8 dynamic quantization was 1.35x faster but
-    cost 28 points of the adapter's accuracy: results/README.md). Compiled on CPU for jobs of at
-    least :data:`COMPILE_MIN_PRODUCTS`, where the compile time pays back.
+    ``auto`` is bf16 on CUDA and fp32 eager on CPU, the fastest path measured there at equal
+    accuracy (``python -m pipeline.bench label``): whole-model bf16 ran 3x slower than fp32 where
+    bf16 is emulated and 7x slower even on an AMX CPU, int8 dynamic quantization was 1.34x faster
+    but cost the adapter 28 points of accuracy, and the compiled path was 7% slower than eager
+    once the first-token scorer projected only the labels' tokens (results/README.md).
     """
-    choice = str(compile).lower()  # YAML and dotted overrides give false as a bool
-    if choice not in COMPILE_CHOICES:
-        raise ConfigError(f"eval.compile must be one of {', '.join(COMPILE_CHOICES)}, got {compile!r}")
-    torch_dtype = resolve_dtype(dtype, device)
-    if choice == "auto":
-        compiled = not device.startswith("cuda") and products is not None and products >= COMPILE_MIN_PRODUCTS
-    else:
-        compiled = choice == "true"
-    return InferencePath(torch_dtype, compiled)
+    if not isinstance(compile, bool):
+        raise ConfigError(f"eval.compile must be true or false, got {compile!r}")
+    return InferencePath(resolve_dtype(dtype, device), compile)
 
 
 def compile_for_inference(model):
-    """``model`` with its forward pass compiled for scoring (dynamic shapes: every batch has its
-    own length). Compiling happens at the first call; the logits equal eager mode's to 1e-4."""
-    return torch.compile(model, dynamic=True, options={"freezing": True})
+    """Compile ``model``'s decoder (the transformer body, which the scorers call) in place, with
+    dynamic shapes since every batch has its own length, and return the model. Compiling
+    happens at the first call; the scores equal eager mode's to 1e-4."""
+    decoder = model.get_decoder()
+    decoder.forward = torch.compile(decoder.forward, dynamic=True, options={"freezing": True})
+    return model
 
 
 def quantization_config(cfg: ModelConfig, device: str) -> BitsAndBytesConfig | None:

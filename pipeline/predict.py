@@ -91,7 +91,7 @@ class Predictor:
     batch_size: int
     device: str
     path: InferencePath
-    """dtype and compiled or not (``eval.dtype``, ``eval.compile``), resolved for this job."""
+    """dtype and compiled or not (``eval.dtype``, ``eval.compile``), resolved for this machine."""
     calibration: calibrate.Calibration | None = None
     identity: dict[str, str | None] = field(default_factory=dict)
     """``labeled_by`` and the hashes behind it (:func:`run_identity`)."""
@@ -102,16 +102,15 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, recipe: Recipe | None = None, batch_size: int | None = None,
-                 calibrated: bool = True, products: int | None = None) -> Predictor:
+                 calibrated: bool = True) -> Predictor:
         """Load RUN_DIR (or ``SWEEP_DIR/promoted``); ``recipe`` defaults to the run's own.
-        ``calibrated=False`` scores with the adapter alone (what calibration is fitted on);
-        ``products``, the job's size where known, lets ``eval.compile: auto`` decide."""
+        ``calibrated=False`` scores with the adapter alone (what calibration is fitted on)."""
         run = Path(run_dir).resolve()
         recipe = recipe or run_recipe(run)
         identity = run_identity(run_dir)
         labels = read_labels(run / "labels.json")
         device = train_device()
-        path = inference_path(recipe.eval.dtype, recipe.eval.compile, device, products)
+        path = inference_path(recipe.eval.dtype, recipe.eval.compile, device)
         model, tokenizer = merged_model(run, recipe, device, path, str(identity["adapter_sha256"]))
         tree = read_taxonomy(run / "taxonomy.json")
         level = recipe.data.label_level

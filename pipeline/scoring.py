@@ -110,6 +110,26 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, names: list[str], max_pro
     return encoded, truncated
 
 
+def head_logits(model, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The LM head's logits for ``hidden`` states: for ``token_ids`` only, or the whole vocabulary.
+
+    The first-token scorer needs the labels' first tokens only: the full-vocabulary head was 14%
+    of a batch's time (results/README.md). The logit scaling and soft-capping some models apply
+    (Cohere's ``logit_scale``, Gemma 2's ``final_logit_softcapping``) are element-wise, so they
+    apply to the selected tokens alike.
+    """
+    head = model.get_output_embeddings()
+    weight = head.weight if token_ids is None else head.weight[token_ids]
+    bias = None if head.bias is None else (head.bias if token_ids is None else head.bias[token_ids])
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    config = model.config.get_text_config()
+    if getattr(config, "logit_scale", None):
+        logits = logits * config.logit_scale
+    if getattr(config, "final_logit_softcapping", None):
+        logits = torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
+    return logits
+
+
 @torch.inference_mode()
 def first_token_log_probs(model, tokenizer, prompts: list[list[int]], labels: list[str], batch_size: int = 64,
                           progress: bool = True) -> torch.Tensor:
@@ -118,13 +138,14 @@ def first_token_log_probs(model, tokenizer, prompts: list[list[int]], labels: li
     if len(set(first_ids.tolist())) != len(labels):
         raise ConfigError("eval.scorer=first_token, but the labels share a first token: use auto or full")
     device = next(model.parameters()).device
+    decoder, first_ids = model.get_decoder(), first_ids.to(device)
     out = torch.empty((len(prompts), len(labels)))
     with progress_bar(len(prompts), "scoring", "product", disable=not progress) as bar:
         for batch in _batches([len(p) for p in prompts], batch_size):
             input_ids, attention, positions = _pad_left([prompts[i] for i in batch], tokenizer.pad_token_id, device)
-            logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                           logits_to_keep=1, use_cache=False).logits[:, -1, :]
-            out[batch] = logits.float()[:, first_ids.to(device)].log_softmax(-1).cpu()
+            hidden = decoder(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                             use_cache=False).last_hidden_state[:, -1]
+            out[batch] = head_logits(model, hidden, first_ids).float().log_softmax(-1).cpu()
             bar.update(len(batch))
     return out
 
@@ -224,11 +245,11 @@ def trie_log_likelihoods(model, tokenizer, prompts: list[list[int]], labels: lis
     prefix computed once per product: the prompt pass's cached keys/values, then one pass over
     the trie's inner nodes under a tree mask (prompt + ancestors), positions continuing the prompt.
 
-    Only standard causal LMs (a decoder, then the output embeddings; no logit soft-capping).
+    Only causal LMs that are a decoder, then the output embeddings (:func:`head_logits`).
     """
     trie = LabelTrie.build(label_token_ids(tokenizer, labels))
     device = next(model.parameters()).device
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    decoder = model.get_decoder()
     n_inner = len(trie.tokens)
     tree_ids = torch.tensor(trie.tokens, device=device)
     depths = torch.tensor(trie.depths, device=device)
@@ -257,7 +278,7 @@ def trie_log_likelihoods(model, tokenizer, prompts: list[list[int]], labels: lis
             edge_log_probs[:, root] = prompt.logits[:, -1].float().log_softmax(-1)[:, edge_tokens[root]]
             for start in range(0, n_inner, NODES_PER_PROJECTION):  # bounds memory at (rows, nodes, vocab)
                 here = (sources > start) & (sources <= start + NODES_PER_PROJECTION)
-                log_probs = head(hidden[:, start : start + NODES_PER_PROJECTION]).float().log_softmax(-1)
+                log_probs = head_logits(model, hidden[:, start : start + NODES_PER_PROJECTION]).float().log_softmax(-1)
                 edge_log_probs[:, here] = log_probs[:, sources[here] - 1 - start, edge_tokens[here]]
             out[batch] = (edge_log_probs @ paths).cpu()
             bar.update(len(batch))

@@ -68,17 +68,14 @@ def test_the_driver_and_launcher_start_without_the_ml_stack():
     assert not imported & set(HEAVY_MODULES)
 
 
-def test_auto_inference_path_compiles_only_cpu_jobs_that_pay_it_back():
+def test_the_inference_path_is_fp32_eager_on_cpu_and_bf16_on_cuda_unless_asked():
     import torch
 
     from pipeline.errors import ConfigError
-    from pipeline.model import COMPILE_MIN_PRODUCTS, InferencePath, inference_path
+    from pipeline.model import InferencePath, inference_path
 
-    assert inference_path("auto", "auto", "cpu") == InferencePath(torch.float32, compiled=False)
-    assert not inference_path("auto", "auto", "cpu", products=COMPILE_MIN_PRODUCTS - 1).compiled
-    assert inference_path("auto", "auto", "cpu", products=10**6).name == "float32+compiled"
-    assert inference_path("auto", "auto", "cuda:0", products=10**6).name == "bfloat16"
-    assert inference_path("auto", "false", "cpu", products=10**6).name == "float32"
-    assert inference_path("float32", "true", "cpu", products=10).name == "float32+compiled"
+    assert inference_path("auto", False, "cpu") == InferencePath(torch.float32, compiled=False)
+    assert inference_path("auto", False, "cuda:0").name == "bfloat16"
+    assert inference_path("float32", True, "cpu").name == "float32+compiled"
     with pytest.raises(ConfigError, match="eval.compile"):
-        inference_path("auto", "yes", "cpu")
+        inference_path("auto", "sometimes", "cpu")

@@ -136,10 +136,11 @@ def test_the_compiled_path_scores_like_eager_mode(base_model, tokenizer, data_di
     model = copy.deepcopy(base_model)
     model.model.layers = model.model.layers[:2]
     model.config.num_hidden_layers = 2
+    compiled_model = compile_for_inference(copy.deepcopy(model))
     names = pd.read_parquet(data_dir / "test.parquet")["product_name"].head(200).tolist()
     for labels, count in ((sorted(pd.read_parquet(data_dir / "train.parquet")["department"].unique()), 200),
                           (embedded_aisles()[:40], 16)):
         eager = scoring.predict(model, tokenizer, names[:count], labels, batch_size=32)
-        compiled = scoring.predict(compile_for_inference(model), tokenizer, names[:count], labels, batch_size=32)
+        compiled = scoring.predict(compiled_model, tokenizer, names[:count], labels, batch_size=32)
         assert compiled.labels == eager.labels
         assert compiled.log_probs.numpy() == pytest.approx(eager.log_probs.numpy(), abs=1e-4)

@@ -14,6 +14,7 @@ from pipeline.data import level_labels, prepare
 from pipeline.errors import DataError
 from pipeline.evaluate import evaluate
 from pipeline.label import label_catalogs
+from pipeline.model import InferencePath
 from pipeline.predict import Predictor, run_recipe
 from pipeline.scoring import Prediction
 
@@ -57,8 +58,8 @@ def test_a_department_is_its_aisles_summed_and_never_disagrees_with_the_aisle():
     labels = ["bread", "cookies", "ice cream", "pizza", "soda"]
     parent = {"bread": "bakery", "cookies": "bakery", "ice cream": "frozen", "pizza": "frozen", "soda": "drinks"}
     predictor = Predictor(run_dir=None, recipe=Recipe(), model=None, tokenizer=None, labels=labels, scorer="trie",
-                          max_prompt_tokens=8, batch_size=1, device="cpu", dtype=torch.float32, level="aisle",
-                          parent=parent)
+                          max_prompt_tokens=8, batch_size=1, device="cpu", path=InferencePath(torch.float32),
+                          level="aisle", parent=parent)
     probs = torch.tensor([[0.10, 0.10, 0.35, 0.30, 0.15],   # the top aisle's department is also the top department
                           [0.30, 0.25, 0.31, 0.04, 0.10],   # bakery sums to 0.55, but the aisle is ice cream
                           [float("nan")] * 5])
@@ -95,3 +96,25 @@ def test_an_aisle_level_run_labels_and_evaluates_both_levels(aisle_run, data_dir
     assert labeled["aisle"].tolist() == predictions["predicted"].tolist()
     assert (labeled["aisle"].map(parent) == labeled["department"]).all()
     assert (labeled["department_confidence"] >= labeled["aisle_confidence"] - 1e-6).all()
+
+
+def instacart_csvs(tmp_path, aisle_of_department: list[tuple[int, int]]) -> DataConfig:
+    """products.csv (aisle_id, department_id per row, cycling), departments.csv and aisles.csv."""
+    rows = [(i + 1, f"product {i}", *aisle_of_department[i % len(aisle_of_department)]) for i in range(60)]
+    pd.DataFrame(rows, columns=["product_id", "product_name", "aisle_id", "department_id"]).to_csv(
+        tmp_path / "products.csv", index=False)
+    pd.DataFrame({"department_id": [1, 2], "department": ["pantry", "frozen"]}).to_csv(
+        tmp_path / "departments.csv", index=False)
+    pd.DataFrame({"aisle_id": [10, 11, 12], "aisle": ["baking", "pizza", "ice cream"]}).to_csv(
+        tmp_path / "aisles.csv", index=False)
+    return DataConfig(source="csv", products=str(tmp_path / "products.csv"),
+                      departments=str(tmp_path / "departments.csv"), aisles=str(tmp_path / "aisles.csv"),
+                      validation_size=0)
+
+
+def test_csv_catalogs_bring_their_aisles(tmp_path):
+    prepare(instacart_csvs(tmp_path, [(10, 1), (11, 2), (12, 2)]), tmp_path / "data")
+    tree = json.loads((tmp_path / "data" / "taxonomy.json").read_text())
+    assert tree["parent"]["aisle"] == {"baking": "pantry", "pizza": "frozen", "ice cream": "frozen"}
+    with pytest.raises(DataError, match=r"aisle 'pizza' is under 2 departments \(frozen, pantry\)"):
+        prepare(instacart_csvs(tmp_path, [(10, 1), (11, 2), (11, 1)]), tmp_path / "other")
