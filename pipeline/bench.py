@@ -188,6 +188,7 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
 
     from pipeline import scoring
     from pipeline.model import cpu_has_native_bf16
+    from pipeline.predict import run_recipe
 
     test = pd.read_parquet(data / "test.parquet").head(n)
     names, truth = test["product_name"].tolist(), test["department"].tolist()
@@ -271,9 +272,10 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
     for record in paths:
         if tutorial:
             record["speedup_vs_tutorial"] = round(record["products_per_s"] / tutorial["products_per_s"], 1)
-    return {"benchmark": "label", "command": command_line(), "adapter": str(adapter), "machine": machine("cpu"),
-            "products": n, "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()},
-            "tutorial_generation": tutorial, "paths": paths, "batch_size_and_threads": tuning}
+    return {"benchmark": "label", "command": command_line(), "adapter": str(adapter),
+            "config": run_recipe(adapter).to_dict(), "machine": machine("cpu"), "products": n,
+            "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()}, "tutorial_generation": tutorial,
+            "paths": paths, "batch_size_and_threads": tuning}
 
 
 MATMUL_OPERATORS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear",
@@ -286,6 +288,8 @@ def bench_profile(adapter: Path, data: Path, batch_size: int, levers: list[str],
     import gc
 
     from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.predict import run_recipe
 
     names = pd.read_parquet(data / "test.parquet")["product_name"].head(batch_size).tolist()
     records = []
@@ -307,8 +311,9 @@ def bench_profile(adapter: Path, data: Path, batch_size: int, levers: list[str],
                            "share": round(e.self_cpu_time_total / total, 4)} for e in events[:top]]})
         del predictor
         gc.collect()
-    return {"benchmark": "profile", "command": command_line(), "adapter": str(adapter), "machine": machine("cpu"),
-            "batch_size": batch_size, "paths": records}
+    return {"benchmark": "profile", "command": command_line(), "adapter": str(adapter),
+            "config": run_recipe(adapter).to_dict(), "machine": machine("cpu"), "batch_size": batch_size,
+            "paths": records}
 
 
 def bench_quality(run: Path) -> dict[str, Any]:
@@ -415,6 +420,8 @@ def bench_label_processes(adapter: Path, data: Path, rows: int, layouts: list[in
     ``catalog-tuner label --shard i/P`` processes of cpus/P threads each, for each P in
     ``layouts`` (1: one process using every core). Wall-clock time includes each process's
     start and model load, as an array task pays them."""
+    from pipeline.predict import run_recipe
+
     cpus = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         catalog = Path(tmp) / "catalog.parquet"
@@ -437,7 +444,7 @@ def bench_label_processes(adapter: Path, data: Path, rows: int, layouts: list[in
             results.append({"processes": processes, "threads_each": threads, "exit_codes": codes,
                             "seconds": round(seconds, 1), "rows_per_s": round(rows / seconds, 1)})
     return {"benchmark": "label-processes", "command": command_line(), "adapter": str(adapter),
-            "machine": machine("cpu"), "rows": rows, "results": results}
+            "config": run_recipe(adapter).to_dict(), "machine": machine("cpu"), "rows": rows, "results": results}
 
 
 def bench_label_memory_one(adapter: Path, catalog: Path, out: Path, only_missing: bool) -> dict[str, Any]:

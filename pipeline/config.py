@@ -119,8 +119,9 @@ class EvalConfig:
     dtype: str = "auto"
     """Inference dtype: ``auto`` is bf16 on CUDA, fp32 on CPU (``pipeline.model.inference_path``)."""
     compile: bool = False
-    """``torch.compile`` the model's decoder for scoring: measured 7% slower than eager on an
-    AVX2 CPU (and 2.5 minutes to compile), so off; measure yours with ``bench label``."""
+    """``torch.compile`` the model's decoder for scoring: no faster than eager on an AVX2 CPU
+    (-7% and +1% in two runs, after a 2.5-minute compile), so off; measure yours with
+    ``python -m pipeline.bench label --levers float32+compiled``."""
     baseline: bool = True
     """Report the TF-IDF + linear SVM baseline (``pipeline.baseline``) fitted on the same split."""
     blend: bool = True

@@ -177,9 +177,10 @@ def inference_path(dtype: str, compile: bool, device: str) -> InferencePath:
 
     ``auto`` is bf16 on CUDA and fp32 eager on CPU, the fastest path measured there at equal
     accuracy (``python -m pipeline.bench label``): whole-model bf16 ran 3x slower than fp32 where
-    bf16 is emulated and 7x slower even on an AMX CPU, int8 dynamic quantization was 1.34x faster
-    but cost the adapter 28 points of accuracy, and the compiled path was 7% slower than eager
-    once the first-token scorer projected only the labels' tokens (results/README.md).
+    bf16 is emulated and 7x slower even on an AMX CPU, int8 dynamic quantization was 1.3-1.5x
+    faster but cost the adapter 28 points of accuracy, and the compiled path was no faster than
+    eager (-7% and +1% in two runs) once the first-token scorer projected only the labels'
+    tokens (results/README.md).
     """
     if not isinstance(compile, bool):
         raise ConfigError(f"eval.compile must be true or false, got {compile!r}")

@@ -119,9 +119,12 @@ def head_logits(model, hidden: torch.Tensor, token_ids: torch.Tensor | None = No
     apply to the selected tokens alike.
     """
     head = model.get_output_embeddings()
-    weight = head.weight if token_ids is None else head.weight[token_ids]
-    bias = None if head.bias is None else (head.bias if token_ids is None else head.bias[token_ids])
-    logits = torch.nn.functional.linear(hidden, weight, bias)
+    if type(head) is torch.nn.Linear:
+        weight = head.weight if token_ids is None else head.weight[token_ids]
+        bias = None if head.bias is None else (head.bias if token_ids is None else head.bias[token_ids])
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+    else:  # e.g. an LM head with its own adapter, during training: its forward adds the adapter's part
+        logits = head(hidden) if token_ids is None else head(hidden)[..., token_ids]
     config = model.config.get_text_config()
     if getattr(config, "logit_scale", None):
         logits = logits * config.logit_scale
