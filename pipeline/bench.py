@@ -194,8 +194,13 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
     names, truth = test["product_name"].tolist(), test["department"].tolist()
     peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
 
+    def agreement(a: list[str | None], b: list[str | None]) -> float:
+        """Share of rows where two label lists agree, over the shorter one."""
+        k = min(len(a), len(b))
+        return round(sum(x == y for x, y in zip(a, b)) / k, 4)
+
     def accuracy(pred: list[str | None], k: int) -> float:
-        return sum(p == t for p, t in zip(pred, truth[:k])) / k
+        return agreement(pred[:k], truth[:k])
 
     def throughput(predictor, k: int, seconds: float) -> dict[str, Any]:
         """Rates of ``predictor`` on the first ``k`` products; FLOPs are the fp32 model's (the same
@@ -220,15 +225,13 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
         adapter_alone = predictor.predict(names[:k], calibrated=False).labels  # untimed: the lever's own damage
         if reference is None:
             reference, reference_adapter = prediction, adapter_alone
-        record = {"lever": lever, **throughput(predictor, k, seconds), "accuracy": round(accuracy(prediction.labels,
-                                                                                                    k), 4),
-                  "agreement_with_float32": round(sum(a == b for a, b in zip(prediction.labels, reference.labels))
-                                                  / k, 4),
-                  "max_confidence_difference": round(max(abs(a - b) for a, b in zip(prediction.confidences,
-                                                                                    reference.confidences)), 4),
-                  "adapter_accuracy": round(accuracy(adapter_alone, k), 4),
-                  "adapter_agreement_with_float32": round(sum(a == b for a, b in zip(adapter_alone,
-                                                                                       reference_adapter)) / k, 4),
+        confidence_gap = max(abs(a - b) for a, b in zip(prediction.confidences, reference.confidences))
+        record = {"lever": lever, **throughput(predictor, k, seconds),
+                  "accuracy": accuracy(prediction.labels, k),
+                  "agreement_with_float32": agreement(prediction.labels, reference.labels),
+                  "max_confidence_difference": round(confidence_gap, 4),
+                  "adapter_accuracy": accuracy(adapter_alone, k),
+                  "adapter_agreement_with_float32": agreement(adapter_alone, reference_adapter),
                   "warmup_seconds": round(warmup, 1), "bf16_emulated": emulated, **predictor.describe(),
                   "inference_path": lever_name(predictor, lever)}
         if predictor.calibration:
@@ -249,7 +252,7 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
             tutorial_s = time.perf_counter() - start
             tutorial = {"products": tutorial_n, "seconds": round(tutorial_s, 1),
                         "products_per_s": round(tutorial_n / tutorial_s, 2),
-                        "accuracy": round(accuracy(answers, tutorial_n), 4),
+                        "accuracy": accuracy(answers, tutorial_n),
                         "unparseable": sum(a is None for a in answers)}
         if predictor is not default_path:
             del predictor
@@ -389,15 +392,17 @@ def bench_scorers(adapter: Path, data: Path, n: int, full_n: int, batch_size: in
             "trie_vs_full_on_aisles": round(rate["aisles", "trie"] / rate["aisles", "full"], 2)}
 
 
-def synthetic_catalog(data: Path, rows: int, new_fraction: float, labeled_by: str, path: Path) -> None:
-    """``rows`` products cycled from the Instacart names, written in 64k-row groups; all but
-    ``new_fraction`` of them already carry this adapter's label."""
+def synthetic_catalog(data: Path, rows: int, new_fraction: float, labeled_by: str, path: Path,
+                      row_group_size: int = 65536) -> None:
+    """``rows`` products cycled from the Instacart names, written in row groups of
+    ``row_group_size`` (shards split at row groups); all but ``new_fraction`` of them already
+    carry this adapter's label."""
     source = pd.concat([pd.read_parquet(data / f) for f in ("train.parquet", "test.parquet")])
     names, departments = source["product_name"].to_numpy(), source["department"].to_numpy()
     schema = pa.schema([("product_id", pa.int64()), ("product_name", pa.string()), ("department", pa.string()),
                         ("department_confidence", pa.float32()), ("label_status", pa.string()),
                         ("labeled_by", pa.string()), ("labeled_at", pa.timestamp("us", tz="UTC"))])
-    chunk = 65536
+    chunk = row_group_size
     stamp = pd.Timestamp("2026-01-01", tz="UTC")
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, rows, chunk):
@@ -425,10 +430,7 @@ def bench_label_processes(adapter: Path, data: Path, rows: int, layouts: list[in
     cpus = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         catalog = Path(tmp) / "catalog.parquet"
-        names = pd.read_parquet(data / "test.parquet")["product_name"].tolist()
-        pq.write_table(pa.table({"product_id": list(range(rows)),
-                                 "product_name": [names[i % len(names)] for i in range(rows)]}), catalog,
-                       row_group_size=max(1, rows // 8))
+        synthetic_catalog(data, rows, 1.0, "", catalog, row_group_size=max(1, rows // 8))
         results = []
         for processes in layouts:
             threads = max(1, cpus // processes)

@@ -23,7 +23,7 @@ from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from pipeline.config import LoraConfig, ModelConfig
-from pipeline.errors import ConfigError, ModelError
+from pipeline.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,6 @@ def inference_path(dtype: str, compile: bool, device: str) -> InferencePath:
     eager (-7% and +1% in two runs) once the first-token scorer projected only the labels'
     tokens (results/README.md).
     """
-    if not isinstance(compile, bool):
-        raise ConfigError(f"eval.compile must be true or false, got {compile!r}")
     return InferencePath(resolve_dtype(dtype, device), compile)
 
 

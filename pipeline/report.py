@@ -29,7 +29,6 @@ import base64
 import html
 import io
 import json
-import logging
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -45,8 +44,6 @@ from scipy.spatial.distance import jensenshannon
 from pipeline import tracking
 from pipeline.atomic import write_atomic, write_json_atomic
 from pipeline.config import LabelConfig, Recipe
-
-log = logging.getLogger(__name__)
 
 REPORT_DIR = "_report"
 HISTOGRAM_BINS = 20
@@ -259,10 +256,7 @@ def finish_job(out_dir: Path, shard: tuple[int, int], file_stats: list[LabelStat
     summary = build_summary(merged, files, partials, labels, provenance, training, previous, settings)
     review = review_table(merged.review, predict_top)
     folder = write_report(out_dir, summary, review, labels)
-    try:
-        tracking.log_label_report(folder, summary, review, recipe)
-    except Exception as exc:  # tracking is a copy of the report: never fail the labeling for it
-        log.warning("W&B logging of the report failed (%s); the report is in %s", exc, folder)
+    tracking.log_label_report(folder, summary, review, recipe)
     return folder
 
 

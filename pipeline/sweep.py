@@ -302,10 +302,7 @@ def run_sweep(sweep_path: str, recipe_path: str, output: str, executor_kind: str
     from pipeline.report import write_sweep_report
 
     write_sweep_report(sweep_dir, ranked, swept, spec.metric, decision)
-    try:
-        tracking.log_sweep_summary(sweep_dir, group, recipe.tracking.project, ranked, swept, spec.metric)
-    except Exception as exc:  # the leaderboard and the report are written; W&B is a copy
-        log.warning("W&B sweep summary failed: %s", exc)
+    tracking.log_sweep_summary(sweep_dir, group, recipe.tracking.project, ranked, swept, spec.metric)
     if decision and label_catalog:
         decision["label_job"] = submit_labeling(sweep_dir / "promoted", label_catalog, label_output)
         write_decision(sweep_dir, decision)

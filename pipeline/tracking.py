@@ -6,16 +6,33 @@ and synced later from a login node (``wandb sync RUN_DIR/wandb/offline-run-*``).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.config import Recipe
 
 log = logging.getLogger(__name__)
+
+Logged = TypeVar("Logged")
+
+
+def best_effort(log_to_wandb: Callable[..., Logged]) -> Callable[..., Logged | None]:
+    """W&B is a copy of what the job already wrote to disk (leaderboard, reports): a failing W&B
+    call logs a warning and returns None, and never fails the sweep or the labeling."""
+    @functools.wraps(log_to_wandb)
+    def guarded(*args: Any, **kwargs: Any) -> Logged | None:
+        try:
+            return log_to_wandb(*args, **kwargs)
+        except Exception as exc:
+            log.warning("W&B %s failed (%s); the files on disk are complete", log_to_wandb.__name__, exc)
+            return None
+    return guarded
 
 
 def report_to(recipe: Recipe, run_dir: Path) -> list[str]:
@@ -56,6 +73,7 @@ def log_final_metrics(metrics: dict[str, Any], recipe: Recipe) -> None:
     wandb.finish()
 
 
+@best_effort
 def log_sweep_summary(sweep_dir: Path, group: str, project: str, ranked: list[dict[str, Any]],
                       parameters: list[str], metric: str) -> Path | None:
     """One W&B run of ``job_type=sweep-summary`` in the sweep's group: a table of every configuration
@@ -81,6 +99,7 @@ def log_sweep_summary(sweep_dir: Path, group: str, project: str, ranked: list[di
     return folder
 
 
+@best_effort
 def log_label_report(report_dir: Path, summary: dict[str, Any], review: Any, recipe: Recipe) -> Path | None:
     """The labeling report as one W&B run (``job_type=label``) when the adapter's recipe tracks to
     W&B and wandb is installed: the summary's figures, the confidence histogram, the label

@@ -71,11 +71,12 @@ def test_the_driver_and_launcher_start_without_the_ml_stack():
 def test_the_inference_path_is_fp32_eager_on_cpu_and_bf16_on_cuda_unless_asked():
     import torch
 
+    from pipeline.config import load_recipe
     from pipeline.errors import ConfigError
     from pipeline.model import InferencePath, inference_path
 
     assert inference_path("auto", False, "cpu") == InferencePath(torch.float32, compiled=False)
     assert inference_path("auto", False, "cuda:0").name == "bfloat16"
     assert inference_path("float32", True, "cpu").name == "float32+compiled"
-    with pytest.raises(ConfigError, match="eval.compile"):
-        inference_path("auto", "sometimes", "cpu")
+    with pytest.raises(ConfigError, match="eval.compile"):  # the recipe loader types it
+        load_recipe(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml", ["eval.compile=sometimes"])
