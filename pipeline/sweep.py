@@ -242,7 +242,8 @@ def summarize_test(block: dict[str, Any]) -> dict[str, Any]:
 
 def run_sweep(sweep_path: str, recipe_path: str, output: str, executor_kind: str = "slurm",
               profile_path: str | None = None, profile_overrides: list[str] | None = None,
-              label_catalog: str | None = None, label_output: str | None = None) -> dict[str, Any]:
+              label_catalog: str | None = None, label_output: str | None = None,
+              label_array: str | None = None) -> dict[str, Any]:
     """Expand, submit as one array, wait, rank, promote; optionally queue the labeling job."""
     from pipeline.launcher import EvaluateTask, TrainTask, make_executor
 
@@ -304,14 +305,17 @@ def run_sweep(sweep_path: str, recipe_path: str, output: str, executor_kind: str
     write_sweep_report(sweep_dir, ranked, swept, spec.metric, decision)
     tracking.log_sweep_summary(sweep_dir, group, recipe.tracking.project, ranked, swept, spec.metric)
     if decision and label_catalog:
-        decision["label_job"] = submit_labeling(sweep_dir / "promoted", label_catalog, label_output)
+        decision["label_job"] = submit_labeling(sweep_dir / "promoted", label_catalog, label_output,
+                                                 label_array)
         write_decision(sweep_dir, decision)
     return {"sweep_dir": str(sweep_dir), "group": group, "ranked": ranked, "promoted": decision}
 
 
-def submit_labeling(adapter: Path, catalog: str, output: str | None) -> str:
-    """Queue slurm/label_catalog.sh after this driver job ends well (afterok)."""
+def submit_labeling(adapter: Path, catalog: str, output: str | None, array: str | None = None) -> str:
+    """Queue slurm/label_catalog.sh after this driver job ends well (afterok), as ``array``'s tasks."""
     command = ["sbatch", "--parsable", f"--output={adapter.parent / 'label-%A_%a.out'}"]
+    if array:
+        command.append(f"--array={array}")
     if "SLURM_JOB_ID" in os.environ:
         command.append(f"--dependency=afterok:{os.environ['SLURM_JOB_ID']}")
     script = shipped_file("slurm/label_catalog.sh", what="labeling script")

@@ -194,6 +194,11 @@ def test_an_interrupted_file_resumes_from_its_last_committed_batch(adapter_run, 
     assert _without_time(labeled).equals(_without_time(expected))
     assert len(set(labeled.column("labeled_at").to_pylist())) == 1  # one job, one time stamp per file
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name] and not list((out / "_partial").rglob("*"))
+    # The review queue's runners-up come from the labeling pass, for the resumed batches too.
+    queue = pd.read_parquet(out / "_report" / "review_queue.parquet")
+    assert (queue["row"] < before_last_run).any() and (queue["row"] >= before_last_run).any()
+    assert (queue["top1_label"] == queue["label"]).all() and queue["top3_label"].notna().all()
+    assert queue["top1_probability"].to_numpy() == pytest.approx(queue["confidence"].to_numpy(), abs=1e-3)
 
 
 def test_in_place_survives_a_kill_before_the_rename(adapter_run, catalog, tmp_path):

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 HEAVY_MODULES = ("torch", "transformers", "trl", "peft", "datasets")
 
 
-def test_evaluate_label_and_bench_agree_on_200_test_products(adapter_run, data_dir, tmp_path):
+def test_evaluate_label_and_bench_agree_on_200_validation_products(adapter_run, data_dir, tmp_path):
     import shutil
 
     from pipeline.bench import bench_label
@@ -26,8 +26,8 @@ def test_evaluate_label_and_bench_agree_on_200_test_products(adapter_run, data_d
 
     run = tmp_path / "run"
     shutil.copytree(adapter_run, run)
-    metrics = evaluate(run, data_dir / "test.parquet", run_recipe(run, ["eval.max_samples=200"]), progress=False)
-    evaluated = pd.read_parquet(run / "predictions_test.parquet")
+    metrics = evaluate(run, data_dir / "validation.parquet", run_recipe(run, ["eval.max_samples=200"]), progress=False)
+    evaluated = pd.read_parquet(run / "predictions_validation.parquet")
     catalog = tmp_path / "catalog.parquet"
     pq.write_table(pa.table({"product_id": evaluated["product_id"], "product_name": evaluated["product_name"]}),
                    catalog)
@@ -37,7 +37,7 @@ def test_evaluate_label_and_bench_agree_on_200_test_products(adapter_run, data_d
     assert labeled["department_confidence"].to_numpy() == pytest.approx(evaluated["confidence"].to_numpy(), abs=1e-5)
     bench = bench_label(run, data_dir, 200, 0, batch_size=32, levers=[], emulated_n=0, batch_sizes=[], threads=[])
     assert [p["inference_path"] for p in bench["paths"]] == ["float32"]
-    assert bench["paths"][0]["accuracy"] == round(metrics["test"]["accuracy"], 4)
+    assert bench["paths"][0]["accuracy"] == round(metrics["validation"]["accuracy"], 4)
 
 
 def test_a_promoted_link_is_a_run_directory(adapter_run, tmp_path):
