@@ -23,8 +23,9 @@
 ``python -m pipeline.bench train --config RECIPE [--minutes M] [--stop-at A] [--eval-every K] [key=value ...]``
     trains a recipe for a fixed budget (of training time, evaluations excluded) and records
     throughput (s/step, examples/s, tokens/s) and the accuracy curve on a fixed slice of validation
-    (the first ``--eval-samples`` products; test where DATA_DIR has no validation rows), then the
-    final metrics on the whole test split;
+    (the first ``--eval-samples`` products, at the recipe's ``data.label_level``; test where
+    DATA_DIR has no validation rows), then the final metrics of the recipe's ``eval.splits``
+    (with ``eval.max_samples`` rows, and for an aisle-level run the departments it implies);
     ``--stop-at`` ends it once a curve point reaches that accuracy.
 ``python -m pipeline.bench label-memory --adapter RUN_DIR --data DATA_DIR --rows 10000 100000``
     peak memory of ``catalog-tuner label`` on synthetic catalogs of growing size (one fresh
@@ -555,20 +556,21 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
                 eval_samples: int, final_eval: bool, thresholds: list[float],
                 stop_at: float | None = None) -> dict[str, Any]:
     from pipeline.config import load_recipe
-    from pipeline.data import read_labels, read_split
+    from pipeline.data import level_labels, read_split
     from pipeline.train import ensure_prepared, train
 
     if run.exists():
         raise SystemExit(f"{run}: exists; a benchmark trains a fresh run (choose another --run)")
     recipe = load_recipe(config, overrides)
     data_dir = ensure_prepared(recipe)
-    labels = read_labels(data_dir / "labels.json")
+    level = recipe.data.label_level
+    labels = level_labels(data_dir, level)
     # The curve (and --stop-at) is a choice made during training: validation, never test, where there is one.
-    curve_split, held_out = "validation", read_split(data_dir / "validation.parquet", labels)
+    curve_split, held_out = "validation", read_split(data_dir / "validation.parquet", labels, level)
     if held_out.empty:
-        curve_split, held_out = "test", read_split(data_dir / "test.parquet", labels)
+        curve_split, held_out = "test", read_split(data_dir / "test.parquet", labels, level)
     held_out = held_out.head(eval_samples)
-    curve = AccuracyCurve(held_out["product_name"].tolist(), held_out["department"].tolist(), labels, eval_every,
+    curve = AccuracyCurve(held_out["product_name"].tolist(), held_out[level].tolist(), labels, eval_every,
                           minutes * 60 if minutes else None, recipe.eval.batch_size, stop_at)
     started = time.time()
     metrics = train(recipe, run, evaluate_after=final_eval, callbacks=[curve])
@@ -578,7 +580,9 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
     seconds_per_step = float(pd.Series(timed).median())
     history = json.loads((run / "train_log.json").read_text())
     tokens = max((h.get("num_tokens", 0) for h in history), default=0)
-    final_keys = ("accuracy", "macro_f1", "n_eval", "baseline", "majority_class", "per_label")
+    # "department": for a run below the department level, the department its labels imply
+    final_keys = ("label_level", "predictor", "scorer", "accuracy", "macro_f1", "n_eval", "adapter", "baseline",
+                  "versus_baseline", "majority_class", "per_label", "department", "eval_products_per_s")
     splits = [split for split in recipe.eval.splits if isinstance(metrics.get(split), dict)]
     return {
         "benchmark": "train",

@@ -233,7 +233,7 @@ def fit(run_dir: str | Path, recipe: Recipe, progress: bool = True) -> dict[str,
     truth = torch.tensor([column[d] for d in validation[level]])
 
     log.info("calibrating %s on %d validation rows", run, len(names))
-    adapter = predictor.predict(names, progress=progress).log_probs
+    adapter = predictor.predict(names, progress=progress, calibrated=False).log_probs
     lexical, decisions = None, torch.zeros_like(adapter)
     if recipe.eval.blend:  # the lexical model is fitted (or read from its cache) only to be tried
         train_path = data_dir / "train.parquet"

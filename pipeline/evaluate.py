@@ -199,10 +199,10 @@ def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: R
 
     predictor = Predictor.from_run(run, recipe)
     names = rows["product_name"].tolist()
+    adapter = predictor.predict(names, progress, calibrated=False)  # calibration's, when it scored these rows
     start = time.perf_counter()
-    adapter = predictor.predict(names, progress, calibrated=False)
     shipped = predictor.calibration.apply(adapter, names) if predictor.calibration else adapter
-    seconds = time.perf_counter() - start
+    seconds = adapter.seconds + time.perf_counter() - start
 
     truth = rows[level].tolist()
     block = classification_metrics(truth, shipped.labels, labels)

@@ -10,6 +10,8 @@ run directory like any other.
 from __future__ import annotations
 
 import hashlib
+import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,11 @@ def merged_model(run: Path, recipe: Recipe, device: str, path: InferencePath, ad
     return _merged[key]
 
 
+_adapter_scores: dict[tuple, tuple[weakref.ref, scoring.Prediction]] = {}
+"""The last adapter scores, with a weak reference to the model that made them: a benchmark that
+quantizes a model in place gets a new model object, never another model's scores."""
+
+
 @dataclass
 class Predictor:
     """A run's adapter merged into its base model, ready to score product names."""
@@ -124,11 +131,27 @@ class Predictor:
 
     def predict(self, names: list[str | None], progress: bool = False, calibrated: bool = True) -> scoring.Prediction:
         """Labels, confidences, label log-probabilities and statuses, row for row: the shipped
-        ones, or with ``calibrated=False`` the adapter's own."""
+        ones, or with ``calibrated=False`` the adapter's own.
+
+        The adapter's own scores of the last list of names are kept for this process: ``train``
+        calibrates on validation and then evaluates the same rows with the same adapter, and at
+        aisle level (the trie scorer) each pass over validation takes half an hour here. Shipped
+        predictions are never reused, so that benchmarks time real scoring.
+        """
+        key = (self.identity.get("adapter_sha256"), str(self.run_dir), self.path, self.scorer, tuple(self.labels),
+               self.max_prompt_tokens, tuple(names))
+        model, kept = _adapter_scores.get(key, (None, None))
+        if not calibrated and kept is not None and model() is self.model:
+            return kept
+        start = time.perf_counter()
         prediction = scoring.predict(self.model, self.tokenizer, names, self.labels, scorer=self.scorer,
                                      batch_size=self.batch_size, max_prompt_tokens=self.max_prompt_tokens,
                                      progress=progress)
-        if calibrated and self.calibration:
+        prediction.seconds = time.perf_counter() - start
+        if not calibrated:
+            _adapter_scores.clear()
+            _adapter_scores[key] = (weakref.ref(self.model), prediction)
+        elif self.calibration:
             return self.calibration.apply(prediction, names)
         return prediction
 

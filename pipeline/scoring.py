@@ -53,6 +53,8 @@ class Prediction:
     """(names, labels) log-probabilities over the label set; rows of NaN where the name is empty."""
     statuses: list[str]
     """``ok``, ``empty_name``, or ``truncated`` (the name kept its head within the prompt budget)."""
+    seconds: float | None = None
+    """Wall time of the scoring that made it, where it was timed (a reused prediction keeps it)."""
 
 
 def label_token_ids(tokenizer: PreTrainedTokenizerBase, labels: list[str], eos: bool = True) -> list[list[int]]:

@@ -157,3 +157,31 @@ def test_no_run_or_data_folder_holds_a_pickle(calibrated_run, adapter_run, data_
                     continue
                 found.append(str(path))
     assert not found
+
+
+def test_evaluation_reuses_the_adapter_scores_that_calibration_made(adapter_run, data_dir, tmp_path, monkeypatch):
+    """``train`` calibrates on validation, then evaluates the same rows: the adapter scores them
+    once. Another model object (a benchmark's quantized copy) never gets those scores."""
+    import copy
+
+    from pipeline import scoring
+    from pipeline.data import read_split
+
+    scored = []
+    real_predict = scoring.predict
+    monkeypatch.setattr(scoring, "predict", lambda *args, **kwargs: scored.append(len(args[2])) or
+                        real_predict(*args, **kwargs))
+    run = tmp_path / "run"
+    shutil.copytree(adapter_run, run)
+    recipe = run_recipe(run, ["eval.max_samples=24", "eval.blend=false"])
+    calibrate.fit(run, recipe, progress=False)
+    metrics = evaluate(run, data_dir / "validation.parquet", recipe, progress=False)["validation"]
+    assert scored == [24] and metrics["n_eval"] == 24 and metrics["eval_products_per_s"] > 0
+
+    predictor = Predictor.from_run(run, recipe)
+    names = read_split(data_dir / "validation.parquet", predictor.labels)["product_name"].head(24).tolist()
+    predictor.predict(names, calibrated=False)
+    assert scored == [24]  # the same rows and the same model: kept
+    predictor.model = copy.deepcopy(predictor.model)
+    predictor.predict(names, calibrated=False)
+    assert scored == [24, 24]
