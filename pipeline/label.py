@@ -276,7 +276,7 @@ def label_batch(labeler: Labeler, batch: pa.RecordBatch, text_column: str, only_
     keep = [c for c in batch.schema.names if c not in columns]
     arrays = [batch.column(c) for c in keep] + [
         pa.array(new[c], types.get(c, pa.float32() if c.endswith("_confidence") else pa.string())) for c in columns]
-    arrays += [pa.array(top_labels, pa.list_(pa.string())), pa.array(top_probabilities, pa.list_(pa.float32()))]
+    arrays += [pa.array(top_labels, pa.list_(pa.string())), pa.array(top_probabilities, pa.list_(pa.float64()))]
     return pa.RecordBatch.from_arrays(arrays, names=keep + columns + list(RUNNERS_UP))
 
 

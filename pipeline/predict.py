@@ -134,9 +134,9 @@ class Predictor:
         ones, or with ``calibrated=False`` the adapter's own.
 
         The adapter's own scores of the last list of names are kept for this process: ``train``
-        calibrates on validation and then evaluates the same rows with the same adapter, and at
-        aisle level (the trie scorer) each pass over validation takes half an hour here. Shipped
-        predictions are never reused, so that benchmarks time real scoring.
+        calibrates on validation and then evaluates the same rows with the same adapter, and with
+        the trie scorer (hundreds of labels) a pass over validation is most of a run's evaluation.
+        Shipped predictions are never reused, so that benchmarks time real scoring.
         """
         key = (self.identity.get("adapter_sha256"), str(self.run_dir), self.path, self.scorer, tuple(self.labels),
                self.max_prompt_tokens, tuple(names))

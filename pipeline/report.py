@@ -51,8 +51,8 @@ HISTOGRAM_BINS = 20
 TOP_MOVES = 10
 RUNNERS_UP = ("_top_labels", "_top_probabilities")
 """Columns of the committed parts only (never of an output file): each scored row's ``TOP_K`` most
-probable labels, kept from the labeling pass so that the review queue needs no second scoring
-(up to ``label.review_max`` rows a job: 25 s with the first-token scorer, 19 minutes with the trie)."""
+probable labels, kept from the labeling pass so that the review queue needs no second scoring of
+up to ``label.review_max`` rows a job (minutes with the trie scorer; results/README.md)."""
 TOP_K = 3
 
 
