@@ -138,17 +138,19 @@ class Predictor:
         the trie scorer (hundreds of labels) a pass over validation is most of a run's evaluation.
         Shipped predictions are never reused, so that benchmarks time real scoring.
         """
-        key = (self.identity.get("adapter_sha256"), str(self.run_dir), self.path, self.scorer, tuple(self.labels),
-               self.max_prompt_tokens, tuple(names))
-        model, kept = _adapter_scores.get(key, (None, None))
-        if not calibrated and kept is not None and model() is self.model:
-            return kept
+        key = None
+        if not calibrated:  # labeling batches (shipped) never build the key
+            key = (self.identity.get("adapter_sha256"), str(self.run_dir), self.path, self.scorer,
+                   tuple(self.labels), self.max_prompt_tokens, tuple(names))
+            model, kept = _adapter_scores.get(key, (None, None))
+            if kept is not None and model() is self.model:
+                return kept
         start = time.perf_counter()
         prediction = scoring.predict(self.model, self.tokenizer, names, self.labels, scorer=self.scorer,
                                      batch_size=self.batch_size, max_prompt_tokens=self.max_prompt_tokens,
                                      progress=progress)
         prediction.seconds = time.perf_counter() - start
-        if not calibrated:
+        if key is not None:
             _adapter_scores.clear()
             _adapter_scores[key] = (weakref.ref(self.model), prediction)
         elif self.calibration:

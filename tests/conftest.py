@@ -56,6 +56,25 @@ def base_model(base_model_path):
 
 
 @pytest.fixture(scope="session")
+def short_model(tmp_path_factory, base_model_path) -> str:
+    """The embedded model's first two decoder layers, saved as a model of its own with its tokenizer.
+
+    For tests of orchestration (arrays, signals, requeues, promotion, chained labeling) and of a
+    compile: the same architecture, tokenizer and code path at an eighth of the cost of a training
+    step. Every other test uses the whole model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("short_model")
+    model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32)
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_model_path).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """The embedded catalog prepared with the default options."""
     from pipeline.config import DataConfig

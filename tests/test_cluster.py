@@ -68,25 +68,6 @@ def wait(env, job: str, timeout: float = 900) -> dict[str, str]:
     raise AssertionError(f"job {job} not finished after {timeout} s: {sacct(env, job)}")
 
 
-@pytest.fixture(scope="module")
-def short_model(tmp_path_factory, base_model_path) -> str:
-    """The embedded model's first two decoder layers, saved as a model of its own with its tokenizer.
-
-    These tests check orchestration (arrays, signals, requeues, promotion, chained labeling), not
-    what the model learns: the same architecture, tokenizer and code path at an eighth of the cost
-    of a training step (0.3 s against 2.2-2.6 here). Every other test uses the whole model."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("short_model")
-    model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32)
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base_model_path).save_pretrained(out)
-    return str(out)
-
-
 def tiny_sweep(tmp_path: Path, data_dir: Path, model: str, steps: int, ranks: list[int], save_steps: int = 2,
                levels: tuple[str, ...] = ("department",), eval_samples: int = 8) -> Path:
     """A sweep small enough for two cores: blend and baseline, tested elsewhere, are off."""

@@ -124,18 +124,17 @@ def test_blend_renormalises_and_can_overturn_the_model():
     assert torch.allclose(scoring.blend_log_probs(log_probs, lexical, weight=0.0), log_probs)
 
 
-def test_the_compiled_path_scores_like_eager_mode(base_model, tokenizer, data_dir):
+def test_the_compiled_path_scores_like_eager_mode(short_model, tokenizer, data_dir):
     """The compiled path (``eval.compile``) on 200 products, first-token and trie scorers. A
     two-layer cut of the real model keeps the compile to seconds; the path is the same code."""
     import copy
 
     import pandas as pd
 
-    from pipeline.model import compile_for_inference
+    from pipeline.config import ModelConfig
+    from pipeline.model import compile_for_inference, load_base_model
 
-    model = copy.deepcopy(base_model)
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
+    model = load_base_model(short_model, ModelConfig(), "cpu", quantize=False, dtype=torch.float32).eval()
     compiled_model = compile_for_inference(copy.deepcopy(model))
     names = pd.read_parquet(data_dir / "test.parquet")["product_name"].head(200).tolist()
     for labels, count in ((sorted(pd.read_parquet(data_dir / "train.parquet")["department"].unique()), 200),
