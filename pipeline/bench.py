@@ -12,10 +12,12 @@
 ``python -m pipeline.bench label-processes --adapter RUN_DIR [--rows N] [--layouts 1 2]``
     one catalog labeled by P concurrent ``catalog-tuner label --shard i/P`` processes sharing the
     CPUs, per P: wall-clock rows/s, start and model load included (what ``--cpus-per-task`` to ask).
-``python -m pipeline.bench scorers --adapter RUN_DIR --data DATA_DIR [--products N]``
+``python -m pipeline.bench scorers --adapter RUN_DIR --data DATA_DIR [--products N] [--tolerances ...]``
     how scoring cost grows with the label set, same model and products, one process: the 20
-    departments (first-token), the 134 embedded aisles (trie scorer, and the full scorer on fewer
-    products), and a synthetic 1,000-label taxonomy (trie): products/s and label-tree sizes.
+    departments (first-token), the aisles (trie scorer, and the full scorer on fewer products),
+    and a synthetic 1,000-label taxonomy (trie): products/s and label-tree sizes; then the trie
+    search labeling runs, per tolerance (in an aisle-level run's shipped space), against the
+    exact answers: products/s, labels scored per product, top labels equal, largest error.
 ``python -m pipeline.bench quality --run RUN_DIR``
     refits the run's calibration on validation (blend and temperature), evaluates validation and
     test, and records what the run ships against the adapter alone and the baseline: accuracy,
@@ -367,8 +369,14 @@ def synthetic_taxonomy(aisles: dict[str, str], leaves: int) -> list[str]:
             for i in range(leaves)]
 
 
-def bench_scorers(adapter: Path, data: Path, n: int, full_n: int, batch_size: int) -> dict[str, Any]:
-    """Products/s of each scorer on label sets of growing size, on the same products."""
+def bench_scorers(adapter: Path, data: Path, n: int, full_n: int, batch_size: int,
+                  tolerances: list[float]) -> dict[str, Any]:
+    """Products/s of each scorer on label sets of growing size, on the same products; then the
+    trie search (what labeling runs) at each tolerance, against the exact trie scorer's answers.
+
+    With an aisle-level run, the aisle cases use its own labels and the search runs in its
+    shipped space (blend and temperature); the 1,000-label taxonomy is searched with the adapter
+    alone. Any model of the architecture serves for the exact scorers' throughput."""
     import importlib.resources
 
     from pipeline import scoring
@@ -381,26 +389,63 @@ def bench_scorers(adapter: Path, data: Path, n: int, full_n: int, batch_size: in
     predictor = Predictor.from_run(adapter, batch_size=batch_size)
     model, tokenizer = predictor.model, predictor.tokenizer
     prompts, _ = scoring.encode_prompts(tokenizer, names, predictor.max_prompt_tokens)
-    cases = [("departments", predictor.labels, "first_token", n), ("aisles", sorted(aisles), "trie", n),
-             ("aisles", sorted(aisles), "full", full_n),
-             ("taxonomy-1000", synthetic_taxonomy(aisles, 1000), "trie", max(1, n // 10))]
-    scoring.label_log_probs(model, tokenizer, prompts[:batch_size], predictor.labels, "first_token",
+    aisle_level = predictor.scorer == "trie"
+    aisle_labels = predictor.labels if aisle_level else sorted(aisles)
+    taxonomy = synthetic_taxonomy(aisles, 1000)
+    few = max(1, n // 10)
+    cases = [("departments", sorted(set(aisles.values())), "first_token", n), ("aisles", aisle_labels, "trie", n),
+             ("aisles", aisle_labels, "full", full_n), ("taxonomy-1000", taxonomy, "trie", few)]
+    scoring.label_log_probs(model, tokenizer, prompts[:batch_size], cases[0][1], "first_token",
                             batch_size, progress=False)  # warm-up
-    results = []
+    results, exact = [], {}
     for name, labels, scorer, products in cases:
         sequences = scoring.label_token_ids(tokenizer, labels)
         trie = scoring.LabelTrie.build(sequences)
         start = time.perf_counter()
-        scoring.label_log_probs(model, tokenizer, prompts[:products], labels, scorer, batch_size, progress=False)
+        exact[name, scorer] = scoring.label_log_probs(model, tokenizer, prompts[:products], labels, scorer,
+                                                      batch_size, progress=False)
         seconds = time.perf_counter() - start
         results.append({"label_set": name, "labels": len(labels), "scorer": scorer, "products": products,
                         "seconds": round(seconds, 2), "products_per_s": round(products / seconds, 2),
                         "label_tokens": sum(map(len, sequences)), "trie_inner_nodes": len(trie.tokens),
                         "prompt_tokens_mean": round(sum(map(len, prompts[:products])) / products, 1)})
     rate = {(r["label_set"], r["scorer"]): r["products_per_s"] for r in results}
+
+    calibration = predictor.calibration if aisle_level else None
+    search, tails = [], {}
+    for name, labels, products in (("aisles", aisle_labels, n), ("taxonomy-1000", taxonomy, few)):
+        shipped = exact[name, "trie"]
+        if name == "aisles" and calibration:
+            shipped = calibration.calibrated(calibration.blended(shipped, names))
+        ranked = shipped.exp().sort(-1, descending=True).values.cumsum(-1)
+        tails[name] = {f"outside_top_{k}": round(float((1 - ranked[:, k - 1]).median()), 5)
+                       for k in (1, 10, 40) if k <= ranked.shape[1]}
+        for tolerance in tolerances:
+            stats: dict[str, float] = {}
+            start = time.perf_counter()
+            if name == "aisles" and calibration:
+                offsets, temperature = calibration.offsets(names[:products]), calibration.temperature
+            else:
+                offsets, temperature = torch.zeros((products, len(labels))), 1.0
+            found = scoring.trie_search_log_probs(model, tokenizer, prompts[:products], labels,
+                                                  scoring.SearchSpace(offsets, temperature, tolerance),
+                                                  batch_size, progress=False, stats=stats)
+            seconds = time.perf_counter() - start
+            found_p, exact_p = found.exp(), shipped.exp()
+            search.append({
+                "label_set": name, "labels": len(labels), "tolerance": tolerance, "products": products,
+                "space": "shipped (blend + temperature)" if name == "aisles" and calibration else "adapter alone",
+                "seconds": round(seconds, 2), "products_per_s": round(products / seconds, 2),
+                "vs_first_token": round(products / seconds / rate["departments", "first_token"], 3),
+                "vs_exact_trie": round(products / seconds / rate[name, "trie"], 2),
+                "top_label_equal_share": float((found.argmax(-1) == shipped.argmax(-1)).float().mean()),
+                "max_total_variation": round(float(0.5 * (found_p - exact_p).abs().sum(-1).max()), 5),
+                "max_confidence_error": round(float((found_p.max(-1).values - exact_p.max(-1).values).abs().max()), 5),
+                **stats})
     return {"benchmark": "scorers", "command": command_line(), "adapter": str(adapter),
             "config": predictor.recipe.to_dict(), "machine": machine(predictor.device), "batch_size": batch_size,
-            "results": results,
+            "results": results, "search": search,
+            "median_probability_mass": tails,  # what a tolerance must leave unscored, per label set
             "trie_aisles_vs_first_token_departments": round(rate["aisles", "trie"] / rate["departments",
                                                                                            "first_token"], 3),
             "trie_vs_full_on_aisles": round(rate["aisles", "trie"] / rate["aisles", "full"], 2)}
@@ -647,6 +692,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--products", type=int, default=200)
     p.add_argument("--full-products", type=int, default=10, help="products for the (slow) full scorer")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--tolerances", type=float, nargs="+", default=[0.001, 0.02, 0.1, 0.999],
+                   help="the trie search's eval.trie_tolerance values to measure")
     p = commands.add_parser("train")
     p.add_argument("--config", default="jobs/recipes/instacart-smollm2.yaml")
     p.add_argument("--run", help="a fresh run directory (default runs/bench/<recipe>-<time>)")
@@ -692,7 +739,7 @@ def main(argv: list[str] | None = None) -> None:
         result = bench_quality(Path(args.run))
     elif args.command == "scorers":
         result = bench_scorers(Path(args.adapter), Path(args.data), args.products, args.full_products,
-                               args.batch_size)
+                               args.batch_size, args.tolerances)
     elif args.command == "label-memory":
         result = bench_label_memory(Path(args.adapter), Path(args.data), args.rows, args.new_fraction)
     else:

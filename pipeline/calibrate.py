@@ -62,19 +62,24 @@ class Calibration:
     lexical_seconds: float = 0.0
     """Time spent in the lexical model so far, so labeling can report its share."""
 
+    def offsets(self, names: list[str | None]) -> torch.Tensor:
+        """(names, labels): what the blend adds to the adapter's label log-probabilities, w x the
+        lexical model's decision values; zeros without a blend and for empty names."""
+        out = torch.zeros((len(names), len(self.labels)))
+        rows = [i for i, name in enumerate(names) if name is not None and str(name).strip()]
+        if self.blend_weight and rows:
+            start = time.perf_counter()
+            decisions = baseline.decision_matrix(self.lexical, [str(names[i]) for i in rows], self.labels)
+            self.lexical_seconds += time.perf_counter() - start
+            out[rows] = self.blend_weight * torch.from_numpy(decisions).float()
+        return out
+
     def blended(self, log_probs: torch.Tensor, names: list[str | None]) -> torch.Tensor:
         """Uncalibrated shipped scores: the adapter's log-probabilities, blended when kept.
         Rows of NaN (empty names) stay NaN."""
         if not self.blend_weight:
             return log_probs
-        rows = [i for i in range(len(names)) if not torch.isnan(log_probs[i]).any()]
-        out = log_probs.clone()
-        if rows:
-            start = time.perf_counter()
-            decisions = baseline.decision_matrix(self.lexical, [str(names[i]) for i in rows], self.labels)
-            self.lexical_seconds += time.perf_counter() - start
-            out[rows] = blend_log_probs(log_probs[rows], torch.from_numpy(decisions).float(), self.blend_weight)
-        return out
+        return blend_log_probs(log_probs, self.offsets(names), 1.0)  # offsets carry the weight
 
     def calibrated(self, scores: torch.Tensor) -> torch.Tensor:
         return (scores / self.temperature).log_softmax(-1)

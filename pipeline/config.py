@@ -115,7 +115,14 @@ class EvalConfig:
     max_samples: int | None = None
     """Evaluate (and calibrate) on the first N rows of each split (None: all): for quick checks."""
     scorer: str = "auto"
-    """``auto`` (first-token when the labels allow it), ``first_token`` or ``full``."""
+    """``auto`` (first-token when the labels' first tokens differ, else trie), ``first_token``,
+    ``trie`` or ``full``."""
+    trie_tolerance: float = 0.02
+    """The trie scorer's shipped predictions (labeling) score exactly only the labels that can
+    matter, leaving at most this probability mass per product unscored: the top label is exact,
+    every probability (and department sum) within it (``pipeline.scoring.trie_search_log_probs``).
+    0 scores every label; smaller costs more (results/README.md, "The trie search"). Calibration
+    and ``evaluate`` always score every label."""
     dtype: str = "auto"
     """Inference dtype: ``auto`` is bf16 on CUDA, fp32 on CPU (``pipeline.model.inference_path``)."""
     compile: bool = False

@@ -269,9 +269,10 @@ def label_batch(labeler: Labeler, batch: pa.RecordBatch, text_column: str, only_
     probs = prediction.log_probs.exp()
     best = probs.topk(min(TOP_K, probs.shape[1]), dim=-1) if len(rows) else None
     for k, i in enumerate(rows):
-        if prediction.labels[k] is not None:
-            top_labels[i] = [labeler.predictor.labels[j] for j in best.indices[k].tolist()]
-            top_probabilities[i] = [round(p, 4) for p in best.values[k].tolist()]
+        if prediction.labels[k] is not None:  # labels the trie search left unscored (probability 0) are no runners-up
+            scored = [(j, p) for j, p in zip(best.indices[k].tolist(), best.values[k].tolist()) if p > 0]
+            top_labels[i] = [labeler.predictor.labels[j] for j, _ in scored]
+            top_probabilities[i] = [round(p, 4) for _, p in scored]
     types = {"label_status": pa.string(), "labeled_by": pa.string(), "labeled_at": pa.timestamp("us", tz="UTC")}
     keep = [c for c in batch.schema.names if c not in columns]
     arrays = [batch.column(c) for c in keep] + [

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from pipeline import calibrate, scoring
 from pipeline.config import Recipe, load_recipe
 from pipeline.data import read_labels, read_taxonomy
-from pipeline.errors import ModelError
+from pipeline.errors import ConfigError, ModelError
 from pipeline.model import InferencePath, inference_path, load_for_inference, train_device
 
 
@@ -146,16 +146,32 @@ class Predictor:
             if kept is not None and model() is self.model:
                 return kept
         start = time.perf_counter()
+        search = self.search_space(names) if calibrated else None
         prediction = scoring.predict(self.model, self.tokenizer, names, self.labels, scorer=self.scorer,
                                      batch_size=self.batch_size, max_prompt_tokens=self.max_prompt_tokens,
-                                     progress=progress)
+                                     progress=progress, search=search)
         prediction.seconds = time.perf_counter() - start
         if key is not None:
             _adapter_scores.clear()
             _adapter_scores[key] = (weakref.ref(self.model), prediction)
-        elif self.calibration:
+        elif self.calibration and search is None:
             return self.calibration.apply(prediction, names)
         return prediction
+
+    def search_space(self, names: list[str | None]) -> scoring.SearchSpace | None:
+        """Where the trie scorer's shipped predictions are searched (the calibration's blend and
+        temperature), or None where every label is scored: other scorers, ``eval.trie_tolerance: 0``.
+
+        Only shipped predictions search: calibration is fitted on, and evaluation reports, every
+        label's exact score, and the search's top label is that exact score's top label."""
+        tolerance = self.recipe.eval.trie_tolerance
+        if not 0 <= tolerance < 1:
+            raise ConfigError(f"eval.trie_tolerance must be in [0, 1), got {tolerance}")
+        if self.scorer != "trie" or tolerance == 0:
+            return None
+        if self.calibration is None:
+            return scoring.SearchSpace(torch.zeros((len(names), len(self.labels))), 1.0, tolerance)
+        return scoring.SearchSpace(self.calibration.offsets(names), self.calibration.temperature, tolerance)
 
     def parent_prediction(self, prediction: scoring.Prediction) -> tuple[list[str | None], list[float | None]]:
         """Each row's department: the parent of its predicted label, with the summed probability
@@ -179,4 +195,5 @@ class Predictor:
                 "inference_path": self.path.name,
                 "batch_size": self.batch_size, "max_prompt_tokens": self.max_prompt_tokens,
                 "label_level": self.level,
+                "trie_tolerance": self.recipe.eval.trie_tolerance if self.scorer == "trie" else None,
                 "calibration": self.calibration.describe() if self.calibration else None}

@@ -16,17 +16,22 @@ label set always yields a valid label. Two scorers (chosen by :func:`choose_scor
 - full: the exact log-likelihood of each whole completion (label tokens + EOS), one sequence
   per (product, label); the reference the trie scorer is tested against.
 
+Labeling with the trie scorer searches instead of scoring every label
+(:func:`trie_search_log_probs`): the top label stays exact and the probabilities stay within a
+stated tolerance (``eval.trie_tolerance``), in the shipped space (blend and temperature).
+
 All batch prompts sorted by token length (little padding) under ``torch.inference_mode``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from pipeline.data import format_completion, format_prompt
 from pipeline.errors import ConfigError, ModelError
@@ -208,6 +213,8 @@ class LabelTrie:
     edge_tokens: list[int]
     paths: torch.Tensor
     """(edges, labels): 1 where the edge is on the label's path."""
+    label_nodes: list[list[int]]
+    """Each label's inner nodes, root first: scoring a label exactly needs the model's output at each."""
 
     @classmethod
     def build(cls, sequences: list[list[int]]) -> LabelTrie:
@@ -215,6 +222,7 @@ class LabelTrie:
         tokens, parents, depths = [], [], []
         edges: dict[tuple[int, int], int] = {}
         on_path: list[tuple[int, int]] = []
+        label_nodes: list[list[int]] = []
         for label, sequence in enumerate(sequences):
             for k in range(len(sequence)):
                 source = 0 if k == 0 else inner[tuple(sequence[:k])] + 1
@@ -226,11 +234,12 @@ class LabelTrie:
                     tokens.append(sequence[k])
                     parents.append(source - 1)
                     depths.append(k + 1)
+            label_nodes.append([inner[tuple(sequence[: k + 1])] for k in range(len(sequence) - 1)])
         paths = torch.zeros(len(edges), len(sequences))
         for edge, label in on_path:
             paths[edge, label] = 1
         sources, edge_tokens = zip(*edges) if edges else ((), ())
-        return cls(tokens, parents, depths, list(sources), list(edge_tokens), paths)
+        return cls(tokens, parents, depths, list(sources), list(edge_tokens), paths, label_nodes)
 
     @cached_property
     def visible(self) -> torch.Tensor:
@@ -241,6 +250,15 @@ class LabelTrie:
             if parent >= 0:
                 visible[i] |= visible[parent]
         return visible
+
+    @cached_property
+    def child_edges(self) -> list[list[int]]:
+        """The edges leaving each inner node (what the model's output at that node scores)."""
+        children: list[list[int]] = [[] for _ in self.tokens]
+        for edge, source in enumerate(self.edge_sources):
+            if source > 0:
+                children[source - 1].append(edge)
+        return children
 
 
 @torch.inference_mode()
@@ -290,6 +308,180 @@ def trie_log_likelihoods(model, tokenizer, prompts: list[list[int]], labels: lis
     return out
 
 
+@dataclass
+class SearchSpace:
+    """Where :func:`trie_search_log_probs` ranks labels: the shipped score of label j for a product
+    is (its log-likelihood + ``offsets[j]``) / ``temperature`` (``pipeline.calibrate``: the blend
+    with the lexical model, then the temperature), renormalised over the label set."""
+
+    offsets: torch.Tensor
+    """(prompts, labels), zeros for the adapter alone."""
+    temperature: float = 1.0
+    tolerance: float = 0.02
+    """Probability mass per product that may stay unscored: every probability is within it."""
+
+
+SEARCH_LABELS_PER_ROUND = 64
+"""Labels added to one product's search in one round at most (bounds a round's tree)."""
+POSITIONS_PER_PROJECTION = 512
+"""Node outputs projected onto the vocabulary at once: bounds memory at (positions, vocab)."""
+
+
+def search_certified(scores: torch.Tensor, scored: torch.Tensor, log_tolerance: float) -> torch.Tensor:
+    """Rows whose answer the unscored labels can no longer change: the best exact score is at least
+    every unscored label's bound, and the unscored bounds together hold at most the tolerance
+    relative to the scored mass (so every probability is within it)."""
+    exact = scores.masked_fill(~scored, -torch.inf)
+    bound = scores.masked_fill(scored, -torch.inf)
+    return ((bound.max(-1).values <= exact.max(-1).values)
+            & (bound.logsumexp(-1) <= log_tolerance + exact.logsumexp(-1)))
+
+
+def search_candidates(scores: torch.Tensor, scored: torch.Tensor, log_tolerance: float,
+                      minimum: torch.Tensor) -> list[list[int]]:
+    """Per row, the unscored labels to score next: the fewest of the highest bounds after which
+    the rest could hold no more than the tolerance, were each candidate's bound its score;
+    at least ``minimum`` of them (the search doubles a row's candidates each round, so a row
+    whose bounds were loose takes few rounds)."""
+    bound = scores.masked_fill(scored, -torch.inf)
+    values, order = bound.sort(-1, descending=True)
+    known = scores.masked_fill(~scored, -torch.inf).logsumexp(-1, keepdim=True)
+    head = torch.logaddexp(known, values.logcumsumexp(-1))  # [k - 1]: scored + the first k bounds
+    rest = values.flip(-1).logcumsumexp(-1).flip(-1)  # [k]: the bounds from k on
+    rest = torch.cat([rest[:, 1:], torch.full_like(rest[:, :1], -torch.inf)], 1)  # [k - 1]: after taking k
+    enough = (rest <= log_tolerance + head).float().argmax(-1) + 1
+    unscored = (~scored).sum(-1)
+    counts = torch.minimum(torch.minimum(torch.maximum(enough, minimum), unscored),
+                           torch.tensor(SEARCH_LABELS_PER_ROUND))
+    return [order[r, : int(k)].tolist() for r, k in enumerate(counts)]
+
+
+@torch.inference_mode()
+def trie_search_log_probs(model, tokenizer, prompts: list[list[int]], labels: list[str], space: SearchSpace,
+                          batch_size: int = 64, progress: bool = True,
+                          stats: dict[str, float] | None = None) -> torch.Tensor:
+    """Shipped log-probabilities over the label set, (n_prompts, n_labels), exact for the labels
+    that can matter and -inf for the rest, which together hold at most ``space.tolerance``.
+
+    A best-first search over the label trie, in the shipped space: a label's log-likelihood is a
+    sum of log-probabilities (each <= 0), so the part computed so far bounds it from above. The
+    prompt pass gives every label's first token; then, in rounds, each product scores exactly the
+    labels whose bounds could still hold mass (:func:`search_candidates`: one pass over their
+    sub-trie from the prompt's cached keys/values, as :func:`trie_log_likelihoods` does for the
+    whole trie), and every edge leaving a computed node tightens the bounds of the labels below
+    it, until :func:`search_certified`. The top label is the exact scorer's. ``stats``, when
+    given, receives counts per product.
+    """
+    trie = LabelTrie.build(label_token_ids(tokenizer, labels))
+    device = next(model.parameters()).device
+    paths = trie.paths.to(device)
+    path_edges = paths.sum(0)
+    root = torch.tensor([source == 0 for source in trie.edge_sources], device=device)
+    root_tokens = torch.tensor(trie.edge_tokens, device=device)[root]
+    log_tolerance = math.log(space.tolerance) if space.tolerance > 0 else -math.inf
+    counts = {"products": 0, "rounds": 0, "labels_scored": 0, "nodes": 0, "node_slots": 0}
+    out = torch.empty((len(prompts), len(labels)))
+    with progress_bar(len(prompts), "scoring (trie search)", "product", disable=not progress) as bar:
+        for batch in _batches([len(p) for p in prompts], batch_size):
+            input_ids, attention, positions = _pad_left([prompts[i] for i in batch], tokenizer.pad_token_id, device)
+            prompt = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                           logits_to_keep=1, use_cache=True)
+            rows = len(batch)
+            edge_log_probs = torch.zeros((rows, len(trie.edge_sources)), device=device)
+            edge_known = torch.zeros(edge_log_probs.shape, dtype=torch.bool, device=device)
+            edge_log_probs[:, root] = prompt.logits[:, -1].float().log_softmax(-1)[:, root_tokens]
+            edge_known[:, root] = True
+            offsets = space.offsets[batch].to(device)
+            taken = torch.zeros(rows, dtype=torch.long)
+            while True:
+                scores = (edge_log_probs @ paths + offsets) / space.temperature  # bounds; exact where scored
+                scored = (edge_known.float() @ paths) == path_edges
+                pending = (~search_certified(scores, scored, log_tolerance)).nonzero().squeeze(1).cpu()
+                if not len(pending):
+                    break
+                chosen = search_candidates(scores[pending].cpu(), scored[pending].cpu(), log_tolerance,
+                                           2 * taken[pending])
+                taken[pending] = torch.tensor([len(c) for c in chosen])
+                nodes = [sorted({n for label in labels_r for n in trie.label_nodes[label]}) for labels_r in chosen]
+                for group in _similar_sizes([len(n) for n in nodes]):
+                    here = pending[group].to(device)
+                    at_rows, edges, values = _expand(model, trie, prompt.cache, here, [nodes[g] for g in group],
+                                                     attention, tokenizer.pad_token_id)
+                    edge_log_probs[here[at_rows], edges] = values
+                    edge_known[here[at_rows], edges] = True
+                    counts["node_slots"] += len(group) * max(len(nodes[g]) for g in group)
+                counts["rounds"] += 1
+                counts["nodes"] += sum(map(len, nodes))
+            out[batch] = scores.masked_fill(~scored, -torch.inf).log_softmax(-1).cpu()
+            counts["products"] += rows
+            counts["labels_scored"] += int(scored.sum())
+            bar.update(rows)
+    if stats is not None:
+        n = max(1, counts["products"])
+        stats.update(products=counts["products"], rounds=counts["rounds"],
+                     labels_scored_per_product=round(counts["labels_scored"] / n, 2),
+                     nodes_per_product=round(counts["nodes"] / n, 2),
+                     node_slots_per_product=round(counts["node_slots"] / n, 2))
+    return out
+
+
+def _similar_sizes(sizes: list[int], slack: float = 1.25) -> list[list[int]]:
+    """Indices grouped by size, each group's largest at most ``slack`` x its smallest (+ 2): a
+    pass pads every row to its group's largest tree, and one product with 60 nodes would
+    otherwise make 63 others pay for 60."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(sizes)), key=sizes.__getitem__):
+        if groups and sizes[i] <= slack * sizes[groups[-1][0]] + 2:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _expand(model, trie: LabelTrie, prompt_cache, rows: torch.Tensor, nodes: list[list[int]],
+            attention: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's output at each of ``nodes[r]`` (a sub-trie, parents first) after the prompt of
+    batch row ``rows[r]``, each node seeing the prompt and its ancestors: returns, for every edge
+    leaving those nodes, (index into ``rows``, edge, log-probability)."""
+    device = attention.device
+    cache = DynamicCache(config=model.config)  # the prompt's keys/values for these rows only
+    for layer, state in enumerate(prompt_cache.layers):
+        cache.update(state.keys[rows], state.values[rows], layer)
+    attention, width = attention[rows], attention.shape[1]
+    lengths = attention.sum(1)
+    most = max(map(len, nodes))
+    mask_dtype = next(model.get_decoder().parameters()).dtype
+    input_ids = torch.full((len(nodes), most), pad_id, dtype=torch.long, device=device)
+    positions = lengths[:, None].repeat(1, most)
+    allowed = torch.zeros((len(nodes), most, width + most), dtype=torch.bool, device=device)
+    allowed[:, :, :width] = attention.bool()[:, None, :]
+    allowed[:, :, width:] = torch.eye(most, dtype=torch.bool, device=device)  # a padding slot sees itself
+    visible = trie.visible
+    for r, row_nodes in enumerate(nodes):
+        index = torch.tensor(row_nodes)
+        m = len(row_nodes)
+        input_ids[r, :m] = torch.tensor([trie.tokens[n] for n in row_nodes])
+        positions[r, :m] = lengths[r] + torch.tensor([trie.depths[n] for n in row_nodes], device=device) - 1
+        allowed[r, :m, width : width + m] = visible[index][:, index].to(device)
+    mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(mask_dtype).min)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask[:, None], position_ids=positions,
+                                 cache=cache, use_cache=True).last_hidden_state
+    where = [(r, j, edge) for r, row_nodes in enumerate(nodes) for j, node in enumerate(row_nodes)
+             for edge in trie.child_edges[node]]
+    at_rows, at_columns, edges = (torch.tensor(x, device=device) for x in zip(*where))
+    unique, inverse = (at_rows * most + at_columns).unique(return_inverse=True)
+    states = hidden.reshape(-1, hidden.shape[-1])[unique]
+    tokens = torch.tensor(trie.edge_tokens, device=device)[edges]
+    values = torch.empty(len(edges), device=device)
+    for start in range(0, len(unique), POSITIONS_PER_PROJECTION):
+        logits = head_logits(model, states[start : start + POSITIONS_PER_PROJECTION]).float()
+        here = (inverse >= start) & (inverse < start + POSITIONS_PER_PROJECTION)
+        local = inverse[here] - start
+        values[here] = logits[local, tokens[here]] - logits.logsumexp(-1)[local]
+    return at_rows, edges, values
+
+
 def choose_scorer(name: str, tokenizer, labels: list[str]) -> str:
     """The scorer a label set gets: ``auto`` is first-token where the labels' first tokens differ,
     else the trie scorer; ``full`` only when asked for (it is the trie scorer's reference)."""
@@ -312,8 +504,11 @@ def label_log_probs(model, tokenizer, prompts: list[list[int]], labels: list[str
 
 
 def predict(model, tokenizer, names: list[str | None], labels: list[str], *, scorer: str = "auto",
-            batch_size: int = 64, max_prompt_tokens: int | None = None, progress: bool = False) -> Prediction:
-    """Score raw product names against the label set; empty names get no label."""
+            batch_size: int = 64, max_prompt_tokens: int | None = None, progress: bool = False,
+            search: SearchSpace | None = None) -> Prediction:
+    """Score raw product names against the label set; empty names get no label. With ``search``
+    (offsets row for row with ``names``) the trie scorer's labels come from
+    :func:`trie_search_log_probs`, in that space."""
     usable = [i for i, name in enumerate(names) if name is not None and str(name).strip()]
     log_probs = torch.full((len(names), len(labels)), float("nan"))
     predicted: list[str | None] = [None] * len(names)
@@ -321,7 +516,11 @@ def predict(model, tokenizer, names: list[str | None], labels: list[str], *, sco
     statuses = ["empty_name"] * len(names)
     if usable:
         prompts, truncated = encode_prompts(tokenizer, [str(names[i]) for i in usable], max_prompt_tokens)
-        scored = label_log_probs(model, tokenizer, prompts, labels, scorer, batch_size, progress)
+        if search is not None and choose_scorer(scorer, tokenizer, labels) == "trie":
+            space = SearchSpace(search.offsets[usable], search.temperature, search.tolerance)
+            scored = trie_search_log_probs(model, tokenizer, prompts, labels, space, batch_size, progress)
+        else:
+            scored = label_log_probs(model, tokenizer, prompts, labels, scorer, batch_size, progress)
         log_probs[usable] = scored
         best = best_labels(labels, scored)
         for k, i in enumerate(usable):

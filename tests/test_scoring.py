@@ -90,6 +90,30 @@ def test_trie_scorer_equals_the_full_scorer(base_model, tokenizer, labels):
     assert by_trie.numpy() == pytest.approx(full.numpy(), abs=1e-3)  # the raw likelihoods too
 
 
+@pytest.mark.parametrize("temperature, tolerance", [(1.0, 0.05), (3.0, 0.999)], ids=["mass-0.05", "top-label-only"])
+def test_trie_search_keeps_the_exact_top_label_and_probabilities_within_its_tolerance(base_model, tokenizer,
+                                                                                      temperature, tolerance):
+    """Shipped scores are (log-likelihood + offset) / T: the search must return the exact scorer's
+    top label, exact scores for what it scored, every probability (and so every department's
+    sum) within the tolerance, and skip labels to do so."""
+    labels = embedded_aisles()
+    prompts, _ = scoring.encode_prompts(tokenizer, NAMES)
+    exact = scoring.trie_log_likelihoods(base_model, tokenizer, prompts, labels, batch_size=8, progress=False)
+    offsets = 4 * torch.randn(len(NAMES), len(labels), generator=torch.Generator().manual_seed(0))  # lexical votes
+    shipped = ((exact + offsets) / temperature).log_softmax(-1)
+    stats: dict[str, float] = {}
+    found = scoring.trie_search_log_probs(base_model, tokenizer, prompts, labels,
+                                          scoring.SearchSpace(offsets, temperature, tolerance), batch_size=3,
+                                          progress=False, stats=stats)
+    assert found.argmax(-1).tolist() == shipped.argmax(-1).tolist()
+    assert float(0.5 * (found.exp() - shipped.exp()).abs().sum(-1).max()) <= tolerance  # total variation
+    kept = found > -torch.inf
+    for row in range(len(NAMES)):  # scored labels are exact: one normalising constant per row
+        gap = (found - shipped)[row, kept[row]]
+        assert float(gap.max() - gap.min()) < 1e-3
+    assert stats["products"] == len(NAMES) and stats["labels_scored_per_product"] < len(labels)
+
+
 def test_scores_do_not_depend_on_batching(base_model, tokenizer):
     labels = ["bakery", "dairy eggs", "frozen", "household", "pets", "snacks"]
     one = scoring.predict(base_model, tokenizer, NAMES, labels, scorer="first_token", batch_size=1)

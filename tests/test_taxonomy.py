@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import DataConfig, Recipe
 from pipeline.data import level_labels, prepare
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate import evaluate
 from pipeline.label import label_catalogs
 from pipeline.model import InferencePath
@@ -70,6 +70,21 @@ def test_a_department_is_its_aisles_summed_and_never_disagrees_with_the_aisle():
     assert confidences[0] == pytest.approx(0.65) and confidences[1] == pytest.approx(0.35) and confidences[2] is None
 
 
+def test_only_the_trie_scorer_searches_and_a_tolerance_outside_0_1_is_named():
+    def predictor(scorer: str, tolerance: float) -> Predictor:
+        recipe = Recipe()
+        recipe.eval.trie_tolerance = tolerance
+        return Predictor(run_dir=None, recipe=recipe, model=None, tokenizer=None, labels=["a", "b"], scorer=scorer,
+                         max_prompt_tokens=8, batch_size=1, device="cpu", path=InferencePath(torch.float32))
+
+    space = predictor("trie", 0.05).search_space(["Bread Rolls", None])
+    assert space.tolerance == 0.05 and space.offsets.shape == (2, 2) and not space.offsets.any()
+    assert predictor("first_token", 0.05).search_space(["Bread Rolls"]) is None
+    assert predictor("trie", 0.0).search_space(["Bread Rolls"]) is None  # every label scored
+    with pytest.raises(ConfigError, match=r"eval.trie_tolerance must be in \[0, 1\), got 1.5"):
+        predictor("trie", 1.5).search_space(["Bread Rolls"])
+
+
 def test_an_aisle_level_run_labels_and_evaluates_both_levels(aisle_run, data_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(aisle_run, run)
@@ -97,7 +112,10 @@ def test_an_aisle_level_run_labels_and_evaluates_both_levels(aisle_run, data_dir
     labeled = pd.read_parquet(tmp_path / "labeled" / "catalog.parquet")
     assert labeled.columns.tolist() == ["product_id", "product_name", "aisle", "aisle_confidence", "department",
                                         "department_confidence", "label_status", "labeled_by", "labeled_at"]
-    assert labeled["aisle"].tolist() == predictions["predicted"].tolist()
+    assert labeled["aisle"].tolist() == predictions["predicted"].tolist()  # the search's top label is exact
+    tolerance = run_recipe(run).eval.trie_tolerance
+    assert (labeled["aisle_confidence"] - predictions["confidence"]).abs().max() <= tolerance
+    assert (labeled["department_confidence"] - predictions["predicted_department_confidence"]).abs().max() <= tolerance
     assert (labeled["aisle"].map(parent) == labeled["department"]).all()
     assert (labeled["department_confidence"] >= labeled["aisle_confidence"] - 1e-6).all()
 
