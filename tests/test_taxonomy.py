@@ -116,6 +116,8 @@ def test_an_aisle_level_run_labels_and_evaluates_both_levels(aisle_run, data_dir
     tolerance = run_recipe(run).eval.trie_tolerance
     assert (labeled["aisle_confidence"] - predictions["confidence"]).abs().max() <= tolerance
     assert (labeled["department_confidence"] - predictions["predicted_department_confidence"]).abs().max() <= tolerance
+    entry = json.loads((tmp_path / "labeled" / "_manifest" / "catalog.parquet.json").read_text())
+    assert entry["scorer"] == "trie" and entry["trie_tolerance"] == tolerance  # how each file was labeled
     assert (labeled["aisle"].map(parent) == labeled["department"]).all()
     assert (labeled["department_confidence"] >= labeled["aisle_confidence"] - 1e-6).all()
 
