@@ -122,6 +122,29 @@ def test_an_aisle_level_run_labels_and_evaluates_both_levels(aisle_run, data_dir
     assert (labeled["department_confidence"] >= labeled["aisle_confidence"] - 1e-6).all()
 
 
+def test_a_calibrated_aisle_run_labels_through_its_blend_what_its_exact_scores_ship(aisle_run, data_dir, tmp_path):
+    """Labeling searches in the shipped space (blend + temperature); evaluation applies the same
+    calibration to every label's exact score. Same labels, confidences within the tolerance."""
+    from pipeline import calibrate
+
+    run = tmp_path / "run"
+    shutil.copytree(aisle_run, run)
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns("baseline*"))
+    pd.read_parquet(data_dir / "train.parquet").head(4000).to_parquet(data / "train.parquet")
+    calibrate.fit(run, run_recipe(run, [f"data.dir={data}", "eval.max_samples=16"]), progress=False)
+    predictor = Predictor.from_run(run, batch_size=8)
+    assert predictor.calibration.blend_weight > 0  # the search runs with the lexical model's offsets
+    names = pd.read_parquet(data / "validation.parquet")["product_name"].head(16).tolist()
+    exact = predictor.calibration.apply(predictor.predict(names, calibrated=False), names)  # calibration's scores
+    searched = predictor.predict(names)
+    assert searched.labels == exact.labels
+    errors = [abs(a - b) for a, b in zip(searched.confidences, exact.confidences)]
+    assert max(errors) <= predictor.recipe.eval.trie_tolerance
+    departments = [predictor.parent_prediction(p)[1] for p in (searched, exact)]
+    assert max(abs(a - b) for a, b in zip(*departments)) <= predictor.recipe.eval.trie_tolerance
+
+
 def instacart_csvs(tmp_path, aisle_of_department: list[tuple[int, int]]) -> DataConfig:
     """products.csv (aisle_id, department_id per row, cycling), departments.csv and aisles.csv."""
     rows = [(i + 1, f"product {i}", *aisle_of_department[i % len(aisle_of_department)]) for i in range(60)]
