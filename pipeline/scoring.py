@@ -261,6 +261,26 @@ class LabelTrie:
         return children
 
 
+def _cached_prompt_pass(model, tokenizer, prompts: list[list[int]], device):
+    """Left-padded prompts through the model, keeping their keys/values for the label trie:
+    (attention mask, cache, log-probabilities of the token after each prompt)."""
+    input_ids, attention, positions = _pad_left(prompts, tokenizer.pad_token_id, device)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=1,
+                use_cache=True)
+    return attention, out.cache, out.logits[:, -1].float().log_softmax(-1)
+
+
+def _tree_pass(model, input_ids: torch.Tensor, allowed: torch.Tensor, positions: torch.Tensor,
+               cache) -> torch.Tensor:
+    """Trie nodes after the cached prompts: ``allowed`` (rows, nodes, cached + nodes) says what
+    each node attends to (its prompt and its ancestors). Returns the decoder's hidden states."""
+    decoder = model.get_decoder()
+    mask = torch.zeros(allowed.shape, dtype=next(decoder.parameters()).dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(mask.dtype).min)
+    return decoder(input_ids=input_ids, attention_mask=mask[:, None], position_ids=positions, cache=cache,
+                   use_cache=True).last_hidden_state
+
+
 @torch.inference_mode()
 def trie_log_likelihoods(model, tokenizer, prompts: list[list[int]], labels: list[str], batch_size: int = 64,
                          progress: bool = True) -> torch.Tensor:
@@ -272,7 +292,6 @@ def trie_log_likelihoods(model, tokenizer, prompts: list[list[int]], labels: lis
     """
     trie = LabelTrie.build(label_token_ids(tokenizer, labels))
     device = next(model.parameters()).device
-    decoder = model.get_decoder()
     n_inner = len(trie.tokens)
     tree_ids = torch.tensor(trie.tokens, device=device)
     depths = torch.tensor(trie.depths, device=device)
@@ -284,21 +303,16 @@ def trie_log_likelihoods(model, tokenizer, prompts: list[list[int]], labels: lis
     out = torch.empty((len(prompts), len(labels)))
     with progress_bar(len(prompts), "scoring (trie)", "product", disable=not progress) as bar:
         for batch in _batches([len(p) for p in prompts], per_batch):
-            input_ids, attention, positions = _pad_left([prompts[i] for i in batch], tokenizer.pad_token_id, device)
-            prompt = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                           logits_to_keep=1, use_cache=True)
-            rows, width = input_ids.shape
+            attention, cache, next_token = _cached_prompt_pass(model, tokenizer, [prompts[i] for i in batch], device)
+            rows, width = attention.shape
             lengths = attention.sum(1)
             allowed = torch.cat([attention.bool()[:, None, :].expand(rows, n_inner, width),
                                  visible[None].expand(rows, n_inner, n_inner)], dim=2)
-            mask = torch.zeros(allowed.shape, dtype=next(decoder.parameters()).dtype, device=device)
-            mask.masked_fill_(~allowed, torch.finfo(mask.dtype).min)
-            hidden = decoder(input_ids=tree_ids.expand(rows, n_inner), attention_mask=mask[:, None],
-                             position_ids=lengths[:, None] + depths[None, :] - 1,
-                             cache=prompt.cache, use_cache=True).last_hidden_state
+            hidden = _tree_pass(model, tree_ids.expand(rows, n_inner), allowed,
+                                lengths[:, None] + depths[None, :] - 1, cache)
             edge_log_probs = torch.empty((rows, len(sources)), device=device)
             root = sources == 0
-            edge_log_probs[:, root] = prompt.logits[:, -1].float().log_softmax(-1)[:, edge_tokens[root]]
+            edge_log_probs[:, root] = next_token[:, edge_tokens[root]]
             for start in range(0, n_inner, NODES_PER_PROJECTION):  # bounds memory at (rows, nodes, vocab)
                 here = (sources > start) & (sources <= start + NODES_PER_PROJECTION)
                 log_probs = head_logits(model, hidden[:, start : start + NODES_PER_PROJECTION]).float().log_softmax(-1)
@@ -316,9 +330,10 @@ class SearchSpace:
 
     offsets: torch.Tensor
     """(prompts, labels), zeros for the adapter alone."""
-    temperature: float = 1.0
-    tolerance: float = 0.02
-    """Probability mass per product that may stay unscored: every probability is within it."""
+    temperature: float
+    tolerance: float
+    """Probability mass per product that may stay unscored (``eval.trie_tolerance``): every
+    probability is within it."""
 
 
 SEARCH_LABELS_PER_ROUND = 64
@@ -383,13 +398,11 @@ def trie_search_log_probs(model, tokenizer, prompts: list[list[int]], labels: li
     out = torch.empty((len(prompts), len(labels)))
     with progress_bar(len(prompts), "scoring (trie search)", "product", disable=not progress) as bar:
         for batch in _batches([len(p) for p in prompts], batch_size):
-            input_ids, attention, positions = _pad_left([prompts[i] for i in batch], tokenizer.pad_token_id, device)
-            prompt = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                           logits_to_keep=1, use_cache=True)
+            attention, cache, next_token = _cached_prompt_pass(model, tokenizer, [prompts[i] for i in batch], device)
             rows = len(batch)
             edge_log_probs = torch.zeros((rows, len(trie.edge_sources)), device=device)
             edge_known = torch.zeros(edge_log_probs.shape, dtype=torch.bool, device=device)
-            edge_log_probs[:, root] = prompt.logits[:, -1].float().log_softmax(-1)[:, root_tokens]
+            edge_log_probs[:, root] = next_token[:, root_tokens]
             edge_known[:, root] = True
             offsets = space.offsets[batch].to(device)
             taken = torch.zeros(rows, dtype=torch.long)
@@ -405,7 +418,7 @@ def trie_search_log_probs(model, tokenizer, prompts: list[list[int]], labels: li
                 nodes = [sorted({n for label in labels_r for n in trie.label_nodes[label]}) for labels_r in chosen]
                 for group in _similar_sizes([len(n) for n in nodes]):
                     here = pending[group].to(device)
-                    at_rows, edges, values = _expand(model, trie, prompt.cache, here, [nodes[g] for g in group],
+                    at_rows, edges, values = _expand(model, trie, cache, here, [nodes[g] for g in group],
                                                      attention, tokenizer.pad_token_id)
                     edge_log_probs[here[at_rows], edges] = values
                     edge_known[here[at_rows], edges] = True
@@ -450,7 +463,6 @@ def _expand(model, trie: LabelTrie, prompt_cache, rows: torch.Tensor, nodes: lis
     attention, width = attention[rows], attention.shape[1]
     lengths = attention.sum(1)
     most = max(map(len, nodes))
-    mask_dtype = next(model.get_decoder().parameters()).dtype
     input_ids = torch.full((len(nodes), most), pad_id, dtype=torch.long, device=device)
     positions = lengths[:, None].repeat(1, most)
     allowed = torch.zeros((len(nodes), most, width + most), dtype=torch.bool, device=device)
@@ -463,10 +475,7 @@ def _expand(model, trie: LabelTrie, prompt_cache, rows: torch.Tensor, nodes: lis
         input_ids[r, :m] = torch.tensor([trie.tokens[n] for n in row_nodes])
         positions[r, :m] = lengths[r] + torch.tensor([trie.depths[n] for n in row_nodes], device=device) - 1
         allowed[r, :m, width : width + m] = visible[index][:, index].to(device)
-    mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=device)
-    mask.masked_fill_(~allowed, torch.finfo(mask_dtype).min)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask[:, None], position_ids=positions,
-                                 cache=cache, use_cache=True).last_hidden_state
+    hidden = _tree_pass(model, input_ids, allowed, positions, cache)
     where = [(r, j, edge) for r, row_nodes in enumerate(nodes) for j, node in enumerate(row_nodes)
              for edge in trie.child_edges[node]]
     at_rows, at_columns, edges = (torch.tensor(x, device=device) for x in zip(*where))
