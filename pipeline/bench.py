@@ -33,6 +33,11 @@
     peak memory of ``catalog-tuner label`` on synthetic catalogs of growing size (one fresh
     process per size); ``--new-fraction 0.01`` pre-labels the rest, like a nightly
     ``--only-missing`` run.
+``python -m pipeline.bench gpu --architecture DIR [--steps 60] [--batch-sizes ...] --output F``
+    one short script for a GPU node (``make gpu-bundle`` packs what it needs), on random weights
+    of the architecture in DIR: NF4 QLoRA training tokens/s of the default and the tutorial's
+    recipe, the labeler's products/s per batch size in bf16 (and fp32), ``catalog-tuner label``
+    end to end on a synthetic catalog, and the scorers on 20, 134 and 1,000 labels.
 
 Every result records the command that made it (``command``), the resolved recipe it measured
 (``config``) and the machine (``machine``: CPU model and flags, threads, matmul peaks measured in
@@ -62,17 +67,23 @@ from transformers import TrainerCallback
 log = logging.getLogger(__name__)
 
 
-def matmul_peak_gflops(dtype: torch.dtype, max_size: int = 2048, budget_s: float = 1.0) -> float:
-    """GFLOP/s of square matmuls in ``dtype``, the largest size up to ``max_size`` that fits the budget.
+def matmul_peak_gflops(dtype: torch.dtype, max_size: int = 2048, budget_s: float = 1.0, device: str = "cpu") -> float:
+    """GFLOP/s of square matmuls in ``dtype`` on ``device``, the largest size up to ``max_size``
+    that fits the budget.
 
     Fixed 2048-wide products took minutes where bf16 is emulated (0.3 GFLOP/s on an AVX2-only CPU):
     the size doubles only while one product stays well inside the budget.
     """
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     size, seconds = 256, 0.0
     while True:
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+        if device != "cpu":
+            a @ b  # a GPU's first product also starts its BLAS library: never the one timed
+        sync()
         start = time.perf_counter()
         a @ b  # also the warm-up
+        sync()
         seconds = time.perf_counter() - start
         if size >= max_size or seconds * 8 > budget_s / 4:  # the next size costs 8x
             break
@@ -83,6 +94,7 @@ def matmul_peak_gflops(dtype: torch.dtype, max_size: int = 2048, budget_s: float
         start = time.perf_counter()
         for _ in range(repeat):
             a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 * repeat / best / 1e9
 
@@ -100,11 +112,19 @@ def machine(device: str | None = None) -> dict[str, Any]:
     cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
     flags = cpu_flags()
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": device, "cpu": cpu_model, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_flags": [f for f in RELEVANT_CPU_FLAGS if f in flags], "cpu_native_bf16": cpu_has_native_bf16(flags),
-            "matmul_peak_gflops": {"fp32": round(matmul_peak_gflops(torch.float32), 1),
-                                   "bf16": round(matmul_peak_gflops(torch.bfloat16), 1)}}
+    record = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+              "device": device, "cpu": cpu_model, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "cpu_flags": [f for f in RELEVANT_CPU_FLAGS if f in flags], "cpu_native_bf16": cpu_has_native_bf16(flags),
+              "matmul_peak_gflops": {"fp32": round(matmul_peak_gflops(torch.float32), 1),
+                                     "bf16": round(matmul_peak_gflops(torch.bfloat16), 1)}}
+    if device and device.startswith("cuda"):
+        # fp32 without TF32 (torch's default for matmuls), as the fp32 paths run
+        record.update({"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
+                       "gpu_memory_gib": round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1),
+                       "gpu_matmul_peak_gflops": {
+                           dtype: round(matmul_peak_gflops(getattr(torch, name), 8192, 2.0, device), 1)
+                           for dtype, name in (("fp32", "float32"), ("bf16", "bfloat16"))}})
+    return record
 
 
 def command_line() -> str:
@@ -542,6 +562,12 @@ def bench_label_memory(adapter: Path, data: Path, sizes: list[int], new_fraction
             "runs": results}
 
 
+def _synchronize() -> None:
+    """Wait for the GPU's queued kernels, so that a timer measures their work and not their launch."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class AccuracyCurve(TrainerCallback):
     """Times every optimizer step and, every K steps, scores a fixed validation slice with the model being
     trained. Evaluation time is kept out of ``train_seconds``, so recipes compare on training cost.
@@ -560,11 +586,13 @@ class AccuracyCurve(TrainerCallback):
         return sum(self.step_seconds)
 
     def on_step_begin(self, args, state, control, **kwargs):
+        _synchronize()
         self.step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         from pipeline.train import examples_per_step
 
+        _synchronize()
         self.step_seconds.append(time.perf_counter() - self.step_start)
         last = state.global_step >= state.max_steps or (self.budget_s and self.train_seconds >= self.budget_s)
         if self.every and (state.global_step % self.every == 0 or last):
@@ -657,6 +685,139 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
     }
 
 
+def random_base_model(architecture: Path, target: Path, seed: int = 0) -> Path:
+    """A model of ``architecture``'s config with random weights, saved with its real tokenizer.
+
+    What throughput needs where the weights cannot travel (a GPU node without a hub, a 64 MiB
+    transfer): the same shapes, vocabulary and prompt lengths, so the same work per product."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(architecture)).save_pretrained(target)
+    AutoTokenizer.from_pretrained(architecture).save_pretrained(target)
+    return target
+
+
+def bench_gpu(architecture: Path, config: str, seed_config: str, steps: int, train_batch_sizes: list[int],
+              products: int, batch_sizes: list[int], catalog_rows: int, scorer_products: int, work: Path,
+              output: Path | None) -> dict[str, Any]:
+    """Everything a GPU node does, on this process's device, with the architecture's random weights:
+    NF4 QLoRA training of the default recipe (at its batch and at ``train_batch_sizes``) and of the
+    tutorial's for ``steps`` steps each, the trained
+    adapter's labeler at each batch size (bf16, and fp32 at the fastest), ``catalog-tuner label``
+    end to end on a synthetic Parquet catalog, and the scorers on growing label sets.
+
+    Each stage records its error and the next one runs: a lease of minutes is not spent twice on
+    one bug. The record is rewritten to ``output`` after every stage, so a run cut off by its
+    time limit still returns what it measured."""
+    import traceback
+
+    from pipeline import scoring
+    from pipeline.config import load_recipe
+    from pipeline.label import label_catalogs
+    from pipeline.model import train_device
+
+    device = train_device()
+    result: dict[str, Any] = {"benchmark": "gpu", "command": command_line(), "architecture": str(architecture),
+                              "weights": "random (the architecture's config and real tokenizer)",
+                              "machine": machine(device), "stages": {}}
+
+    def stage(name: str, measure) -> Any:
+        start = time.perf_counter()
+        try:
+            value = measure()
+            result["stages"][name] = {"seconds": round(time.perf_counter() - start, 1), "ok": True}
+        except Exception:  # noqa: BLE001 - recorded, and the next stage runs
+            value = None
+            result["stages"][name] = {"seconds": round(time.perf_counter() - start, 1), "ok": False,
+                                      "error": traceback.format_exc(limit=8)}
+            log.exception("bench gpu: stage %s failed", name)
+        if device.startswith("cuda"):
+            result["stages"][name]["gpu_peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats()
+        if output:
+            output.write_text(json.dumps(result, indent=1) + "\n")
+        return value
+
+    base = stage("random_weights", lambda: random_base_model(architecture, work / "base"))
+    run, data_dir = work / "run", work / "data"
+    keep = ("recipe", "overrides", "compute_dtype", "steps", "throughput", "train_seconds")
+
+    def short_run(data: Path, *overrides: str) -> list[str]:
+        return [f"model.base_model={base}", f"data.dir={data}", f"train.max_steps={steps}",
+                f"train.save_steps={steps}", "train.logging_steps=10", "model.trust_remote_code=false", *overrides]
+
+    result["config"] = load_recipe(config, short_run(data_dir)).to_dict()  # what trains and labels
+
+    def train(recipe: str, run_dir: Path, data: Path, *overrides: str) -> dict[str, Any]:
+        record = bench_train(recipe, short_run(data, *overrides), run_dir, None, 0, 0, False, [])
+        return {**{k: record[k] for k in keep}, "batch": record["config"]["train"]["per_device_train_batch_size"],
+                "gradient_accumulation_steps": record["config"]["train"]["gradient_accumulation_steps"],
+                "optim": record["config"]["train"]["optim"]}
+
+    result["train"] = stage("train", lambda: train(config, run, data_dir))
+    for size in train_batch_sizes:
+        result[f"train_batch_{size}"] = stage(f"train_batch_{size}", lambda size=size: train(
+            config, work / f"run-batch-{size}", data_dir, f"train.per_device_train_batch_size={size}"))
+    result["train_tutorial_recipe"] = stage("train_tutorial_recipe",
+                                            lambda: train(seed_config, work / "run-tutorial", work / "data-tutorial"))
+
+    def sweep() -> list[dict[str, Any]]:
+        source = pd.concat([pd.read_parquet(data_dir / f) for f in ("train.parquet", "test.parquet")])
+        pool = source["product_name"].tolist()
+        names = [pool[i % len(pool)] for i in range(products)]
+        records = []
+        for lever, sizes in (("auto", batch_sizes), ("float32", None)):
+            if sizes is None:  # fp32 at bf16's fastest batch size
+                sizes = [max(records, key=lambda r: r["products_per_s"])["batch_size"]]
+            for size in sizes:
+                predictor = lever_predictor(run, lever, size)
+                start = time.perf_counter()
+                prompts, _ = scoring.encode_prompts(predictor.tokenizer, names, predictor.max_prompt_tokens)
+                tokenize_s = time.perf_counter() - start
+                prediction, seconds, warmup = timed_predict(predictor, names)
+                flops, tokens = forward_flops(predictor.model, prompts, size, len(predictor.labels))
+                records.append({"inference_path": predictor.path.name, "batch_size": size, "products": products,
+                                "seconds": round(seconds, 2), "products_per_s": round(products / seconds, 1),
+                                "tokenize_share": round(tokenize_s / seconds, 3), "prompt_tokens": tokens,
+                                "achieved_gflops": round(flops / seconds / 1e9, 1),
+                                "warmup_seconds": round(warmup, 1), "scorer": predictor.scorer,
+                                "labels": prediction.labels[:products]})
+        reference = records[-1].pop("labels")
+        for record in records[:-1]:
+            labels = record.pop("labels")
+            record["agreement_with_float32"] = round(sum(a == b for a, b in zip(labels, reference)) / products, 4)
+        return records
+
+    result["label_batch_sizes"] = stage("label_batch_sizes", sweep)
+    best = max(result["label_batch_sizes"] or [{"batch_size": 64, "products_per_s": 0}],
+               key=lambda r: r["products_per_s"])["batch_size"]
+
+    def end_to_end() -> dict[str, Any]:
+        catalog = work / "catalog.parquet"
+        synthetic_catalog(data_dir, catalog_rows, 1.0, "", catalog)
+        start = time.perf_counter()
+        outcomes = label_catalogs(run, [str(catalog)], work / "labeled", batch_size=best, progress=False)
+        seconds = time.perf_counter() - start
+        return {"rows": catalog_rows, "batch_size": best, "seconds": round(seconds, 1),
+                "rows_per_s": round(catalog_rows / seconds, 1), "status": [o.status for o in outcomes]}
+
+    result["label_catalog"] = stage("label_catalog", end_to_end)
+    scorers = stage("scorers", lambda: bench_scorers(run, data_dir, scorer_products, max(1, scorer_products // 20),
+                                                     best, [0.02, 0.999]))
+    if scorers:
+        result["scorers"] = {k: scorers[k] for k in ("batch_size", "results", "search",
+                                                     "trie_aisles_vs_first_token_departments",
+                                                     "trie_vs_full_on_aisles")}
+    result["gpu_peak_fraction"] = [
+        {"batch_size": r["batch_size"], "inference_path": r["inference_path"],
+         "of_bf16": round(r["achieved_gflops"] / result["machine"]["gpu_matmul_peak_gflops"]["bf16"], 4)}
+        for r in result["label_batch_sizes"] or []] if "gpu_matmul_peak_gflops" in result["machine"] else None
+    if output:
+        output.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -706,6 +867,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stop-at", type=float, help="stop once a curve point reaches this accuracy")
     p.add_argument("--output", help="also write the JSON here")
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides, key=value")
+    p = commands.add_parser("gpu")
+    p.add_argument("--architecture", required=True, help="a folder with the model's config and tokenizer")
+    p.add_argument("--config", default="jobs/recipes/instacart-smollm2.yaml")
+    p.add_argument("--seed-config", default="jobs/recipes/instacart-seed.yaml")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--train-batch-sizes", type=int, nargs="*", default=[256],
+                   help="the default recipe's batch size is always trained; these too")
+    p.add_argument("--products", type=int, default=50_000)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024, 4096])
+    p.add_argument("--catalog-rows", type=int, default=200_000)
+    p.add_argument("--scorer-products", type=int, default=1000)
+    p.add_argument("--work", help="scratch folder (default: a temporary one)")
+    p.add_argument("--output", help="also write the JSON here, after every stage")
     p = commands.add_parser("label-memory")
     p.add_argument("--adapter", default="runs/demo")
     p.add_argument("--data", default="data/instacart")
@@ -740,6 +914,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "scorers":
         result = bench_scorers(Path(args.adapter), Path(args.data), args.products, args.full_products,
                                args.batch_size, args.tolerances)
+    elif args.command == "gpu":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        with tempfile.TemporaryDirectory() as scratch:
+            result = bench_gpu(Path(args.architecture), args.config, args.seed_config, args.steps,
+                               args.train_batch_sizes, args.products,
+                               args.batch_sizes, args.catalog_rows, args.scorer_products,
+                               Path(args.work or scratch), Path(args.output) if args.output else None)
     elif args.command == "label-memory":
         result = bench_label_memory(Path(args.adapter), Path(args.data), args.rows, args.new_fraction)
     else:

@@ -165,9 +165,12 @@ def plan(inputs: list[tuple[Path, Path]], shard: tuple[int, int]) -> tuple[list[
 
 def code_version() -> str:
     """The package version, plus the git commit when running from a checkout."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    described = version("catalog-tuner")
+    try:
+        described = version("catalog-tuner")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH (a container, a GPU node), not installed
+        described = "source"
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
                                 capture_output=True, text=True, timeout=5)

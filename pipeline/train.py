@@ -115,6 +115,19 @@ def project_labelled_positions_only() -> None:
     trl_utils._use_triton = lambda device: device.type == "cpu" or _use_triton(device)
 
 
+def fp32_trainable_parameters(model) -> None:
+    """Keep the trained weights in fp32 under fp16 mixed precision (the tutorial's ``fp16: true``).
+
+    trl stores a quantized model's adapter in bf16 (the QLoRA paper's choice), but fp16's gradient
+    scaler unscales fp32 gradients only: on an H200 the tutorial recipe stopped at its first
+    optimizer step (``_amp_foreach_non_finite_check_and_unscale_cuda`` not implemented for BFloat16).
+    Autocast still runs the adapter's matmuls in fp16.
+    """
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+
+
 def ensure_prepared(recipe: Recipe) -> Path:
     """Return DATA_DIR, preparing it from the recipe's data section if it is missing."""
     data_dir = Path(recipe.data.dir)
@@ -272,6 +285,8 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
         callbacks=[stopper, NoPickledArguments(), *(callbacks or [])],
     )
     stopper.trainer = trainer
+    if trainer.args.fp16:
+        fp32_trainable_parameters(trainer.model)
     checkpoints = run / "checkpoints"
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     start = time.perf_counter()

@@ -93,6 +93,22 @@ def test_labels_every_row_keeping_inputs_intact(adapter_run, labeler, catalog, t
     assert not list(out.rglob(".*tmp*"))
 
 
+def test_a_checkout_that_is_not_installed_labels_and_says_so(adapter_run, tmp_path, monkeypatch):
+    """A GPU node ran the labeler from a copy of the repository on PYTHONPATH: it labeled the file,
+    then failed writing the manifest because the package had no installed metadata."""
+    import importlib.metadata
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    source = tmp_path / "catalog.parquet"
+    pq.write_table(pa.table({"product_id": [1, 2], "product_name": ["Bread Rolls", "Whole Milk"]}), source)
+    out = tmp_path / "out"
+    assert [o.status for o in label_catalogs(adapter_run, [str(source)], out, progress=False)] == ["labeled"]
+    assert json.loads((out / "_manifest" / "catalog.parquet.json").read_text())["code_version"].startswith("source")
+
+
 def test_prompt_lookalikes_do_not_leak_between_rows(labeler):
     """A row's prediction depends on that row alone, whatever its neighbours contain."""
     alone = labeler.predict(["Bread Rolls"])

@@ -65,6 +65,25 @@ def test_projecting_labelled_positions_only_keeps_loss_and_gradients(base_model,
     assert torch.allclose(every_position[1], labelled_only[1], atol=1e-5, rtol=1e-4)
 
 
+def test_fp16_mixed_precision_trains_an_fp32_adapter_on_the_frozen_4bit_base(short_model, tokenizer, tmp_path):
+    """trl keeps a quantized model's adapter in bf16, which fp16's gradient scaler cannot unscale on
+    CUDA (the tutorial recipe stopped at its first step on an H200); the base stays packed."""
+    from pipeline.config import LoraConfig, ModelConfig
+    from pipeline.model import load_base_model, peft_lora_config
+    from pipeline.train import fp32_trainable_parameters
+
+    model = load_base_model(short_model, ModelConfig(), "cpu", quantize=True)
+    dataset = Dataset.from_dict(to_prompt_completion(pd.DataFrame({"product_name": ["Ice"], "department": ["frozen"]})))
+    trainer = SFTTrainer(model=model, args=sft_config(Recipe(), tmp_path, "cpu"), train_dataset=dataset,
+                         processing_class=tokenizer, peft_config=peft_lora_config(LoraConfig()))
+    frozen = {n: p.dtype for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.bfloat16}  # trl's choice
+    fp32_trainable_parameters(trainer.model)
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
+    assert {n: p.dtype for n, p in trainer.model.named_parameters() if not p.requires_grad} == frozen
+    assert any(type(p).__name__ == "Params4bit" for p in trainer.model.parameters())  # still NF4-packed
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_dir, base_model_path):
     """4 NF4 steps on a 200-example train set, checkpoint every 2 steps."""
