@@ -700,7 +700,7 @@ def random_base_model(architecture: Path, target: Path, seed: int = 0) -> Path:
 
 def bench_gpu(architecture: Path, config: str, seed_config: str, steps: int, train_batch_sizes: list[int],
               products: int, batch_sizes: list[int], catalog_rows: int, scorer_products: int, work: Path,
-              output: Path | None) -> dict[str, Any]:
+              output: Path | None, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Everything a GPU node does, on this process's device, with the architecture's random weights:
     NF4 QLoRA training of the default recipe (at its batch and at ``train_batch_sizes``) and of the
     tutorial's for ``steps`` steps each, the trained
@@ -709,7 +709,7 @@ def bench_gpu(architecture: Path, config: str, seed_config: str, steps: int, tra
 
     Each stage records its error and the next one runs: a lease of minutes is not spent twice on
     one bug. The record is rewritten to ``output`` after every stage, so a run cut off by its
-    time limit still returns what it measured."""
+    time limit still returns what it measured. ``skip`` names stages to leave out (a short rerun)."""
     import traceback
 
     from pipeline import scoring
@@ -759,13 +759,24 @@ def bench_gpu(architecture: Path, config: str, seed_config: str, steps: int, tra
     for size in train_batch_sizes:
         result[f"train_batch_{size}"] = stage(f"train_batch_{size}", lambda size=size: train(
             config, work / f"run-batch-{size}", data_dir, f"train.per_device_train_batch_size={size}"))
-    result["train_tutorial_recipe"] = stage("train_tutorial_recipe",
-                                            lambda: train(seed_config, work / "run-tutorial", work / "data-tutorial"))
+    if "train_tutorial_recipe" not in skip:
+        result["train_tutorial_recipe"] = stage(
+            "train_tutorial_recipe", lambda: train(seed_config, work / "run-tutorial", work / "data-tutorial"))
 
     def sweep() -> list[dict[str, Any]]:
+        from pipeline.data import format_prompt
+
         source = pd.concat([pd.read_parquet(data_dir / f) for f in ("train.parquet", "test.parquet")])
         pool = source["product_name"].tolist()
         names = [pool[i % len(pool)] for i in range(products)]
+        tokenizer = lever_predictor(run, "auto", batch_sizes[0]).tokenizer
+        start = time.perf_counter()
+        scoring.encode_prompts(tokenizer, names)
+        batched = time.perf_counter() - start
+        start = time.perf_counter()
+        [tokenizer(format_prompt(name), add_special_tokens=False) for name in names]
+        result["tokenize_seconds"] = {"names": products, "one_call": round(batched, 2),
+                                      "a_call_per_name": round(time.perf_counter() - start, 2)}
         records = []
         for lever, sizes in (("auto", batch_sizes), ("float32", None)):
             if sizes is None:  # fp32 at bf16's fastest batch size
@@ -802,9 +813,10 @@ def bench_gpu(architecture: Path, config: str, seed_config: str, steps: int, tra
         return {"rows": catalog_rows, "batch_size": best, "seconds": round(seconds, 1),
                 "rows_per_s": round(catalog_rows / seconds, 1), "status": [o.status for o in outcomes]}
 
-    result["label_catalog"] = stage("label_catalog", end_to_end)
-    scorers = stage("scorers", lambda: bench_scorers(run, data_dir, scorer_products, max(1, scorer_products // 20),
-                                                     best, [0.02, 0.999]))
+    if "label_catalog" not in skip:
+        result["label_catalog"] = stage("label_catalog", end_to_end)
+    scorers = None if "scorers" in skip else stage("scorers", lambda: bench_scorers(
+        run, data_dir, scorer_products, max(1, scorer_products // 20), best, [0.02, 0.999]))
     if scorers:
         result["scorers"] = {k: scorers[k] for k in ("batch_size", "results", "search",
                                                      "trie_aisles_vs_first_token_departments",
@@ -880,6 +892,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scorer-products", type=int, default=1000)
     p.add_argument("--work", help="scratch folder (default: a temporary one)")
     p.add_argument("--output", help="also write the JSON here, after every stage")
+    p.add_argument("--skip", nargs="*", default=[], choices=["train_tutorial_recipe", "label_catalog", "scorers"])
     p = commands.add_parser("label-memory")
     p.add_argument("--adapter", default="runs/demo")
     p.add_argument("--data", default="data/instacart")
@@ -892,7 +905,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only-missing", action="store_true")
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command != "gpu":  # a GPU node's labeler tokenizes on its many cores, as `catalog-tuner label` does
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.command == "train":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         run = Path(args.run or f"runs/bench/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -920,7 +934,8 @@ def main(argv: list[str] | None = None) -> None:
             result = bench_gpu(Path(args.architecture), args.config, args.seed_config, args.steps,
                                args.train_batch_sizes, args.products,
                                args.batch_sizes, args.catalog_rows, args.scorer_products,
-                               Path(args.work or scratch), Path(args.output) if args.output else None)
+                               Path(args.work or scratch), Path(args.output) if args.output else None,
+                               tuple(args.skip))
     elif args.command == "label-memory":
         result = bench_label_memory(Path(args.adapter), Path(args.data), args.rows, args.new_fraction)
     else:

@@ -106,15 +106,14 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, names: list[str], max_pro
     """Token ids of each product's prompt; names over the budget keep their head and their
     ``" ->:"`` suffix. Returns (ids per name, truncated flags)."""
     suffix = tokenizer(format_prompt(""), add_special_tokens=False)["input_ids"]
-    encoded, truncated = [], []
-    for name in names:
-        ids = tokenizer(format_prompt(name), add_special_tokens=False)["input_ids"]
-        cut = max_prompt_tokens is not None and len(ids) > max_prompt_tokens
-        if cut:
-            ids = ids[: max_prompt_tokens - len(suffix)] + suffix
-        encoded.append(ids)
-        truncated.append(cut)
-    return encoded, truncated
+    if not names:
+        return [], []
+    # One call for the list: a fast tokenizer encodes it in Rust, on every core. On an H200's
+    # 16-core host, 50,000 names took 1.06 s against 2.60 s a call per name (results/README.md).
+    encoded = tokenizer([format_prompt(name) for name in names], add_special_tokens=False)["input_ids"]
+    truncated = [max_prompt_tokens is not None and len(ids) > max_prompt_tokens for ids in encoded]
+    return [ids[: max_prompt_tokens - len(suffix)] + suffix if cut else ids
+            for ids, cut in zip(encoded, truncated)], truncated
 
 
 def head_logits(model, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -127,6 +127,8 @@ def test_long_names_are_truncated_keeping_the_prompt_suffix(tokenizer):
     assert truncated == [False, True]
     assert len(prompts[1]) == 16
     assert tokenizer.decode(prompts[1]).endswith(" ->:")
+    alone = [scoring.encode_prompts(tokenizer, [name], max_prompt_tokens=16)[0][0] for name in NAMES]
+    assert scoring.encode_prompts(tokenizer, NAMES, max_prompt_tokens=16)[0] == alone  # one call = one per name
 
 
 def test_empty_names_get_no_label_and_no_probability(base_model, tokenizer):
