@@ -157,6 +157,23 @@ def resolve_compute_dtype(name: str, device: str, flags: set[str] | None = None)
     return resolve_dtype(name, device)
 
 
+def adapter_dtype(name: str, compute_dtype: torch.dtype, fp16: bool) -> torch.dtype:
+    """The dtype the adapter trains in (``lora.dtype``), given the 4-bit layers' compute dtype and
+    whether fp16 mixed precision is on.
+
+    trl stores a quantized model's adapter in bf16. Where the base computes in fp32 (a CPU without
+    native bf16), every LoRA matmul then ran in emulated bf16: 6.8 against 3.8 s a step for the
+    default recipe on an AVX2 CPU. Under fp16 mixed precision the gradient scaler unscales fp32
+    gradients only: the tutorial's recipe stopped at its first step on an H200.
+    """
+    if name == "auto":
+        return torch.bfloat16 if compute_dtype == torch.bfloat16 and not fp16 else torch.float32
+    dtype = resolve_dtype(name, "cpu")
+    if fp16 and dtype != torch.float32:
+        raise ModelError(f"lora.dtype={name} with train.fp16: fp16's gradient scaler needs an fp32 adapter")
+    return dtype
+
+
 @dataclass(frozen=True)
 class InferencePath:
     """How a merged model scores: the dtype of its weights and activations, and whether its

@@ -32,6 +32,7 @@ from pipeline.config import Recipe, save_recipe
 from pipeline.data import level_labels, prepare, prepare_options, read_split, to_prompt_completion
 from pipeline.errors import STOP_FILE, ConfigError, DataError, TrainingInterrupted
 from pipeline.model import (
+    adapter_dtype,
     fit_embeddings,
     load_base_model,
     load_tokenizer,
@@ -115,17 +116,15 @@ def project_labelled_positions_only() -> None:
     trl_utils._use_triton = lambda device: device.type == "cpu" or _use_triton(device)
 
 
-def fp32_trainable_parameters(model) -> None:
-    """Keep the trained weights in fp32 under fp16 mixed precision (the tutorial's ``fp16: true``).
+def cast_trainable_parameters(model, dtype: torch.dtype) -> None:
+    """Put the trained weights (the adapter) in ``dtype``, leaving the frozen, packed base alone.
 
-    trl stores a quantized model's adapter in bf16 (the QLoRA paper's choice), but fp16's gradient
-    scaler unscales fp32 gradients only: on an H200 the tutorial recipe stopped at its first
-    optimizer step (``_amp_foreach_non_finite_check_and_unscale_cuda`` not implemented for BFloat16).
-    Autocast still runs the adapter's matmuls in fp16.
+    Before the optimizer exists, so its state follows; a resumed run's saved state is cast to the
+    parameters' dtype by torch on loading.
     """
     for parameter in model.parameters():
         if parameter.requires_grad:
-            parameter.data = parameter.data.float()
+            parameter.data = parameter.data.to(dtype)
 
 
 def ensure_prepared(recipe: Recipe) -> Path:
@@ -152,8 +151,9 @@ def check_resumable(run: Path, recipe: Recipe) -> None:
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
     current = recipe.to_dict()
+    defaults = Recipe().to_dict()  # a key added since the run was saved counts as its default
     changed = [f"{s}.{k}" for s in TRAINING_SECTIONS for k in current[s]
-               if saved.get(s, {}).get(k) != current[s][k] and f"{s}.{k}" not in RESUME_SAFE_KEYS]
+               if saved.get(s, {}).get(k, defaults[s].get(k)) != current[s][k] and f"{s}.{k}" not in RESUME_SAFE_KEYS]
     if changed:
         raise ConfigError(f"{run} holds a run of another recipe (differs in {', '.join(changed)}); "
                          "use a new --output or delete it")
@@ -285,8 +285,8 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
         callbacks=[stopper, NoPickledArguments(), *(callbacks or [])],
     )
     stopper.trainer = trainer
-    if trainer.args.fp16:
-        fp32_trainable_parameters(trainer.model)
+    compute_dtype = resolve_compute_dtype(recipe.model.bnb_4bit_compute_dtype, device)
+    cast_trainable_parameters(trainer.model, adapter_dtype(recipe.lora.dtype, compute_dtype, trainer.args.fp16))
     checkpoints = run / "checkpoints"
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     start = time.perf_counter()
@@ -329,8 +329,8 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
         "resumed_from": last,
         "seconds_per_step_this_session": round(wall / max(1, steps - _step_of(last)), 3),
         "quantization": recipe.model.quantization,
-        "compute_dtype": (str(resolve_compute_dtype(recipe.model.bnb_4bit_compute_dtype, device))
-                          if recipe.model.quantization == "4bit" else None),
+        "compute_dtype": str(compute_dtype) if recipe.model.quantization == "4bit" else None,
+        "adapter_dtype": str(adapter_dtype(recipe.lora.dtype, compute_dtype, trainer.args.fp16)),
         "device": device,
         "torch_threads": torch.get_num_threads(),
     }

@@ -16,7 +16,7 @@ from trl import SFTTrainer
 
 from pipeline.config import Recipe, load_recipe
 from pipeline.data import to_prompt_completion
-from pipeline.model import resolve_compute_dtype
+from pipeline.model import cpu_has_native_bf16, resolve_compute_dtype
 from pipeline.train import sft_config, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,12 +65,20 @@ def test_projecting_labelled_positions_only_keeps_loss_and_gradients(base_model,
     assert torch.allclose(every_position[1], labelled_only[1], atol=1e-5, rtol=1e-4)
 
 
-def test_fp16_mixed_precision_trains_an_fp32_adapter_on_the_frozen_4bit_base(short_model, tokenizer, tmp_path):
-    """trl keeps a quantized model's adapter in bf16, which fp16's gradient scaler cannot unscale on
-    CUDA (the tutorial recipe stopped at its first step on an H200); the base stays packed."""
+def test_the_adapter_trains_in_fp32_unless_the_base_computes_in_bf16(short_model, tokenizer, tmp_path):
+    """trl keeps a quantized model's adapter in bf16: emulated (1.8x slower steps) where the base
+    computes in fp32, and fp16's gradient scaler cannot unscale it on CUDA (the tutorial recipe
+    stopped at its first step on an H200). The frozen base stays packed as it was."""
     from pipeline.config import LoraConfig, ModelConfig
-    from pipeline.model import load_base_model, peft_lora_config
-    from pipeline.train import fp32_trainable_parameters
+    from pipeline.errors import ModelError
+    from pipeline.model import adapter_dtype, load_base_model, peft_lora_config
+    from pipeline.train import cast_trainable_parameters
+
+    assert adapter_dtype("auto", torch.float32, fp16=False) == torch.float32
+    assert adapter_dtype("auto", torch.bfloat16, fp16=False) == torch.bfloat16
+    assert adapter_dtype("auto", torch.float16, fp16=True) == torch.float32
+    with pytest.raises(ModelError, match="lora.dtype"):
+        adapter_dtype("bfloat16", torch.float16, fp16=True)
 
     model = load_base_model(short_model, ModelConfig(), "cpu", quantize=True)
     dataset = Dataset.from_dict(to_prompt_completion(pd.DataFrame({"product_name": ["Ice"], "department": ["frozen"]})))
@@ -78,7 +86,7 @@ def test_fp16_mixed_precision_trains_an_fp32_adapter_on_the_frozen_4bit_base(sho
                          processing_class=tokenizer, peft_config=peft_lora_config(LoraConfig()))
     frozen = {n: p.dtype for n, p in trainer.model.named_parameters() if not p.requires_grad}
     assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.bfloat16}  # trl's choice
-    fp32_trainable_parameters(trainer.model)
+    cast_trainable_parameters(trainer.model, torch.float32)
     assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
     assert {n: p.dtype for n, p in trainer.model.named_parameters() if not p.requires_grad} == frozen
     assert any(type(p).__name__ == "Params4bit" for p in trainer.model.parameters())  # still NF4-packed
@@ -124,7 +132,10 @@ def test_run_directory_matches_the_contract(tiny_run):
     assert config["peft_type"] == "LORA" and config["r"] == 16
     with safe_open(run / "adapter" / "adapter_model.safetensors", "pt") as f:
         keys = list(f.keys())
+        dtypes = {f.get_tensor(k).dtype for k in keys}
     assert keys and all("lora_" in k for k in keys)
+    trained_in = torch.bfloat16 if cpu_has_native_bf16() else torch.float32  # the base's compute dtype (auto)
+    assert dtypes == {trained_in} and metrics["adapter_dtype"] == str(trained_in)
     assert load_recipe(run / "config.yaml").train.max_steps == 4
     assert (run / "loss.png").stat().st_size > 0
     assert [h["step"] for h in json.loads((run / "train_log.json").read_text()) if "loss" in h] == [1, 2, 3, 4]
