@@ -165,7 +165,7 @@ def test_rerun_of_a_finished_run_trains_no_further(tiny_run):
     assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     with safe_open(run / "adapter" / "adapter_model.safetensors", "pt") as saved, \
             safe_open(run / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors", "pt") as checkpoint:
-        for key in checkpoint.keys():  # in the adapter's dtype: trl keeps QLoRA adapters in bf16
+        for key in checkpoint.keys():  # in the adapter's dtype (lora.dtype)
             weight = saved.get_tensor(key)
             assert weight.equal(checkpoint.get_tensor(key).to(weight.dtype)), key
     assert (run / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors").read_bytes() == before
@@ -176,6 +176,21 @@ def test_rerun_with_another_recipe_is_refused(tiny_run):
     other = load_recipe(run / "config.yaml", ["lora.r=8"])
     with pytest.raises(ValueError, match="differs in lora.r"):
         train(other, run)
+
+
+def test_a_run_saved_before_a_new_training_key_resumes_while_the_key_is_at_its_default(tmp_path):
+    import yaml
+
+    from pipeline.train import check_resumable
+
+    recipe = load_recipe(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml")
+    saved = recipe.to_dict()
+    del saved["lora"]["dtype"]  # a run from before lora.dtype existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_resumable(tmp_path, recipe)
+    with pytest.raises(ValueError, match="differs in lora.dtype"):
+        check_resumable(tmp_path, load_recipe(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml",
+                                              ["lora.dtype=bfloat16"]))
 
 
 def test_evaluate_command(tiny_run, data_dir):
