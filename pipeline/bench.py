@@ -702,10 +702,10 @@ def bench_gpu(architecture: Path, config: str, seed_config: str, steps: int, tra
               products: int, batch_sizes: list[int], catalog_rows: int, scorer_products: int, work: Path,
               output: Path | None, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Everything a GPU node does, on this process's device, with the architecture's random weights:
-    NF4 QLoRA training of the default recipe (at its batch and at ``train_batch_sizes``) and of the
-    tutorial's for ``steps`` steps each, the trained
-    adapter's labeler at each batch size (bf16, and fp32 at the fastest), ``catalog-tuner label``
-    end to end on a synthetic Parquet catalog, and the scorers on growing label sets.
+    NF4 QLoRA training for ``steps`` steps of the default recipe (at its batch and at
+    ``train_batch_sizes``) and of the tutorial's, the trained adapter's labeler at each batch size
+    (bf16, and fp32 at the fastest), ``catalog-tuner label`` end to end on a synthetic Parquet
+    catalog, and the scorers on growing label sets.
 
     Each stage records its error and the next one runs: a lease of minutes is not spent twice on
     one bug. The record is rewritten to ``output`` after every stage, so a run cut off by its
@@ -888,7 +888,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="the default recipe's batch size is always trained; these too")
     p.add_argument("--products", type=int, default=50_000)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024, 4096])
-    p.add_argument("--catalog-rows", type=int, default=200_000)
+    p.add_argument("--catalog-rows", type=int, default=1_000_000, help="rows of the end-to-end labeling")
     p.add_argument("--scorer-products", type=int, default=1000)
     p.add_argument("--work", help="scratch folder (default: a temporary one)")
     p.add_argument("--output", help="also write the JSON here, after every stage")

@@ -81,7 +81,7 @@ class LoraConfig:
     bias: str = "none"
     dtype: str = "auto"
     """The trained adapter's weights: ``auto`` is bf16 where the 4-bit layers compute in bf16 (trl's
-    QLoRA choice), else fp32: where bf16 is emulated (AVX2) a bf16 adapter made every step 1.8x
+    QLoRA choice), else fp32: where bf16 is emulated (AVX2) a bf16 adapter made every step 2x
     slower, and fp16 mixed precision unscales fp32 gradients only (``pipeline.model.adapter_dtype``)."""
 
 

@@ -162,9 +162,9 @@ def adapter_dtype(name: str, compute_dtype: torch.dtype, fp16: bool) -> torch.dt
     whether fp16 mixed precision is on.
 
     trl stores a quantized model's adapter in bf16. Where the base computes in fp32 (a CPU without
-    native bf16), every LoRA matmul then ran in emulated bf16: 6.8 against 3.8 s a step for the
-    default recipe on an AVX2 CPU. Under fp16 mixed precision the gradient scaler unscales fp32
-    gradients only: the tutorial's recipe stopped at its first step on an H200.
+    native bf16), every LoRA matmul then ran in emulated bf16, and a step of the default recipe
+    took twice as long on an AVX2 CPU (results/README.md). Under fp16 mixed precision the gradient
+    scaler unscales fp32 gradients only: the tutorial's recipe stopped at its first step on an H200.
     """
     if name == "auto":
         return torch.bfloat16 if compute_dtype == torch.bfloat16 and not fp16 else torch.float32

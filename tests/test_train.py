@@ -66,7 +66,7 @@ def test_projecting_labelled_positions_only_keeps_loss_and_gradients(base_model,
 
 
 def test_the_adapter_trains_in_fp32_unless_the_base_computes_in_bf16(short_model, tokenizer, tmp_path):
-    """trl keeps a quantized model's adapter in bf16: emulated (1.8x slower steps) where the base
+    """trl keeps a quantized model's adapter in bf16: emulated (steps twice as long) where the base
     computes in fp32, and fp16's gradient scaler cannot unscale it on CUDA (the tutorial recipe
     stopped at its first step on an H200). The frozen base stays packed as it was."""
     from pipeline.config import LoraConfig, ModelConfig
