@@ -67,6 +67,12 @@ from transformers import TrainerCallback
 log = logging.getLogger(__name__)
 
 
+def _synchronize() -> None:
+    """Wait for the GPU's queued kernels, so that a timer measures their work and not their launch."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def matmul_peak_gflops(dtype: torch.dtype, max_size: int = 2048, budget_s: float = 1.0, device: str = "cpu") -> float:
     """GFLOP/s of square matmuls in ``dtype`` on ``device``, the largest size up to ``max_size``
     that fits the budget.
@@ -74,16 +80,15 @@ def matmul_peak_gflops(dtype: torch.dtype, max_size: int = 2048, budget_s: float
     Fixed 2048-wide products took minutes where bf16 is emulated (0.3 GFLOP/s on an AVX2-only CPU):
     the size doubles only while one product stays well inside the budget.
     """
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     size, seconds = 256, 0.0
     while True:
         a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
         if device != "cpu":
             a @ b  # a GPU's first product also starts its BLAS library: never the one timed
-        sync()
+        _synchronize()
         start = time.perf_counter()
         a @ b  # also the warm-up
-        sync()
+        _synchronize()
         seconds = time.perf_counter() - start
         if size >= max_size or seconds * 8 > budget_s / 4:  # the next size costs 8x
             break
@@ -94,7 +99,7 @@ def matmul_peak_gflops(dtype: torch.dtype, max_size: int = 2048, budget_s: float
         start = time.perf_counter()
         for _ in range(repeat):
             a @ b
-        sync()
+        _synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 * repeat / best / 1e9
 
@@ -560,12 +565,6 @@ def bench_label_memory(adapter: Path, data: Path, sizes: list[int], new_fraction
     return {"benchmark": "label-memory", "command": command_line(), "adapter": str(adapter),
             "config": run_recipe(adapter).to_dict(), "machine": machine(), "new_fraction": new_fraction,
             "runs": results}
-
-
-def _synchronize() -> None:
-    """Wait for the GPU's queued kernels, so that a timer measures their work and not their launch."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 class AccuracyCurve(TrainerCallback):

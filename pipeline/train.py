@@ -286,7 +286,8 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
     )
     stopper.trainer = trainer
     compute_dtype = resolve_compute_dtype(recipe.model.bnb_4bit_compute_dtype, device)
-    cast_trainable_parameters(trainer.model, adapter_dtype(recipe.lora.dtype, compute_dtype, trainer.args.fp16))
+    trained_dtype = adapter_dtype(recipe.lora.dtype, compute_dtype, trainer.args.fp16)
+    cast_trainable_parameters(trainer.model, trained_dtype)
     checkpoints = run / "checkpoints"
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     start = time.perf_counter()
@@ -330,7 +331,7 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
         "seconds_per_step_this_session": round(wall / max(1, steps - _step_of(last)), 3),
         "quantization": recipe.model.quantization,
         "compute_dtype": str(compute_dtype) if recipe.model.quantization == "4bit" else None,
-        "adapter_dtype": str(adapter_dtype(recipe.lora.dtype, compute_dtype, trainer.args.fp16)),
+        "adapter_dtype": str(trained_dtype),
         "device": device,
         "torch_threads": torch.get_num_threads(),
     }
