@@ -33,11 +33,15 @@
     peak memory of ``catalog-tuner label`` on synthetic catalogs of growing size (one fresh
     process per size); ``--new-fraction 0.01`` pre-labels the rest, like a nightly
     ``--only-missing`` run.
+``python -m pipeline.bench label-overlap --adapter RUN_DIR --data DATA_DIR [--rows N] [--batch-size B]``
+    ``catalog-tuner label`` with ``label.overlap`` off and on (preparing and committing record
+    batches in threads beside the model), alternating, best of ``--repeats``: rows/s each.
 ``python -m pipeline.bench gpu --architecture DIR [--steps 60] [--batch-sizes ...] --output F``
     one short script for a GPU node (``make gpu-bundle`` packs what it needs), on random weights
     of the architecture in DIR: NF4 QLoRA training tokens/s of the default and the tutorial's
-    recipe, the labeler's products/s per batch size in bf16 (and fp32), ``catalog-tuner label``
-    end to end on a synthetic catalog, and the scorers on 20, 134 and 1,000 labels.
+    recipe, the labeler's products/s per batch size in bf16 (and fp32; best of three passes),
+    ``label-overlap``, ``catalog-tuner label`` end to end on a synthetic catalog, and the scorers
+    on 20, 134 and 1,000 labels.
 
 Every result records the command that made it (``command``), the resolved recipe it measured
 (``config``) and the machine (``machine``: CPU model and flags, threads, matmul peaks measured in
@@ -49,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import resource
 import subprocess
@@ -195,15 +200,19 @@ def lever_name(predictor, lever: str) -> str:
     return lever if lever == "int8-dynamic" else predictor.path.name
 
 
-def timed_predict(predictor, names: list[str]) -> tuple[Any, float, float]:
-    """One warm-up batch (where a compiled path compiles), then the whole list:
-    (prediction, seconds, warm-up seconds)."""
+def timed_predict(predictor, names: list[str], repeats: int = 1) -> tuple[Any, float, float]:
+    """One warm-up batch (where a compiled path compiles), then the whole list ``repeats`` times:
+    (prediction, the fastest pass's seconds, warm-up seconds). On a lent GPU VM, passes of one
+    process differed by a third (results/README.md): a lever is judged on best-of-three there."""
     start = time.perf_counter()
     predictor.predict(names[: predictor.batch_size])
     warmup = time.perf_counter() - start
-    start = time.perf_counter()
-    prediction = predictor.predict(names)
-    return prediction, time.perf_counter() - start, warmup
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        prediction = predictor.predict(names)
+        best = min(best, time.perf_counter() - start)
+    return prediction, best, warmup
 
 
 def held_out_products(data: Path, n: int) -> pd.DataFrame:
@@ -441,7 +450,7 @@ def bench_scorers(adapter: Path, data: Path, n: int, full_n: int, batch_size: in
     for name, labels, products in (("aisles", aisle_labels, n), ("taxonomy-1000", taxonomy, few)):
         shipped = exact[name, "trie"]
         if name == "aisles" and calibration:
-            shipped = calibration.calibrated(calibration.blended(shipped, names))
+            shipped = calibration.calibrated(calibration.blended(shipped, calibration.offsets(names)))
         ranked = shipped.exp().sort(-1, descending=True).values.cumsum(-1)
         tails[name] = {f"outside_top_{k}": round(float((1 - ranked[:, k - 1]).median()), 5)
                        for k in (1, 10, 40) if k <= ranked.shape[1]}
@@ -565,6 +574,29 @@ def bench_label_memory(adapter: Path, data: Path, sizes: list[int], new_fraction
     return {"benchmark": "label-memory", "command": command_line(), "adapter": str(adapter),
             "config": run_recipe(adapter).to_dict(), "machine": machine(), "new_fraction": new_fraction,
             "runs": results}
+
+
+def bench_label_overlap(adapter: Path, data: Path, rows: int, batch_size: int, repeats: int,
+                        work: Path) -> dict[str, Any]:
+    """``catalog-tuner label`` on a synthetic catalog of ``rows`` with label.overlap off and on,
+    alternating, best of ``repeats`` each: the lever alone, everything else equal."""
+    from pipeline.label import label_catalogs
+    from pipeline.predict import run_recipe
+
+    catalog = work / "catalog-overlap.parquet"
+    synthetic_catalog(data, rows, 1.0, "", catalog)
+    seconds: dict[str, float] = {"false": math.inf, "true": math.inf}
+    for attempt in range(repeats):
+        for overlap in seconds:
+            start = time.perf_counter()
+            label_catalogs(adapter, [str(catalog)], work / f"labeled-overlap-{overlap}-{attempt}",
+                           batch_size=batch_size, progress=False, overrides=[f"label.overlap={overlap}"])
+            seconds[overlap] = min(seconds[overlap], time.perf_counter() - start)
+    return {"benchmark": "label-overlap", "command": command_line(), "adapter": str(adapter),
+            "config": run_recipe(adapter).to_dict(), "machine": machine(), "rows": rows,
+            "batch_size": batch_size, "best_of": repeats,
+            "rows_per_s": {f"overlap_{k}": round(rows / v, 1) for k, v in seconds.items()},
+            "speedup": round(seconds["false"] / seconds["true"], 3)}
 
 
 class AccuracyCurve(TrainerCallback):
@@ -699,12 +731,14 @@ def random_base_model(architecture: Path, target: Path, seed: int = 0) -> Path:
 
 def bench_gpu(architecture: Path, config: str, seed_config: str, steps: int, train_batch_sizes: list[int],
               products: int, batch_sizes: list[int], catalog_rows: int, scorer_products: int, work: Path,
-              output: Path | None, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+              output: Path | None, skip: tuple[str, ...] = (), repeats: int = 3,
+              overlap_rows: int = 100_000) -> dict[str, Any]:
     """Everything a GPU node does, on this process's device, with the architecture's random weights:
     NF4 QLoRA training for ``steps`` steps of the default recipe (at its batch and at
     ``train_batch_sizes``) and of the tutorial's, the trained adapter's labeler at each batch size
-    (bf16, and fp32 at the fastest), ``catalog-tuner label`` end to end on a synthetic Parquet
-    catalog, and the scorers on growing label sets.
+    (bf16, and fp32 at the fastest; best of ``repeats`` passes), ``catalog-tuner label`` end to end
+    on synthetic Parquet catalogs (``overlap_rows`` with label.overlap off and on, then
+    ``catalog_rows``), and the scorers on growing label sets.
 
     Each stage records its error and the next one runs: a lease of minutes is not spent twice on
     one bug. The record is rewritten to ``output`` after every stage, so a run cut off by its
@@ -785,10 +819,11 @@ def bench_gpu(architecture: Path, config: str, seed_config: str, steps: int, tra
                 start = time.perf_counter()
                 prompts, _ = scoring.encode_prompts(predictor.tokenizer, names, predictor.max_prompt_tokens)
                 tokenize_s = time.perf_counter() - start
-                prediction, seconds, warmup = timed_predict(predictor, names)
+                prediction, seconds, warmup = timed_predict(predictor, names, repeats)
                 flops, tokens = forward_flops(predictor.model, prompts, size, len(predictor.labels))
                 records.append({"inference_path": predictor.path.name, "batch_size": size, "products": products,
-                                "seconds": round(seconds, 2), "products_per_s": round(products / seconds, 1),
+                                "seconds": round(seconds, 2), "best_of": repeats,
+                                "products_per_s": round(products / seconds, 1),
                                 "tokenize_share": round(tokenize_s / seconds, 3), "prompt_tokens": tokens,
                                 "achieved_gflops": round(flops / seconds / 1e9, 1),
                                 "warmup_seconds": round(warmup, 1), "scorer": predictor.scorer,
@@ -812,6 +847,9 @@ def bench_gpu(architecture: Path, config: str, seed_config: str, steps: int, tra
         return {"rows": catalog_rows, "batch_size": best, "seconds": round(seconds, 1),
                 "rows_per_s": round(catalog_rows / seconds, 1), "status": [o.status for o in outcomes]}
 
+    if "label_overlap" not in skip:
+        result["label_overlap"] = stage("label_overlap", lambda: bench_label_overlap(
+            run, data_dir, overlap_rows, best, repeats, work))
     if "label_catalog" not in skip:
         result["label_catalog"] = stage("label_catalog", end_to_end)
     scorers = None if "scorers" in skip else stage("scorers", lambda: bench_scorers(
@@ -891,7 +929,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scorer-products", type=int, default=1000)
     p.add_argument("--work", help="scratch folder (default: a temporary one)")
     p.add_argument("--output", help="also write the JSON here, after every stage")
-    p.add_argument("--skip", nargs="*", default=[], choices=["train_tutorial_recipe", "label_catalog", "scorers"])
+    p.add_argument("--overlap-rows", type=int, default=100_000, help="rows of the label.overlap off/on comparison")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per labeler setting; the fastest counts")
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=["train_tutorial_recipe", "label_overlap", "label_catalog", "scorers"])
+    p = commands.add_parser("label-overlap")
+    p.add_argument("--adapter", default="runs/demo")
+    p.add_argument("--data", default="data/instacart")
+    p.add_argument("--rows", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2)
     p = commands.add_parser("label-memory")
     p.add_argument("--adapter", default="runs/demo")
     p.add_argument("--data", default="data/instacart")
@@ -934,7 +981,11 @@ def main(argv: list[str] | None = None) -> None:
                                args.train_batch_sizes, args.products,
                                args.batch_sizes, args.catalog_rows, args.scorer_products,
                                Path(args.work or scratch), Path(args.output) if args.output else None,
-                               tuple(args.skip))
+                               tuple(args.skip), args.repeats, args.overlap_rows)
+    elif args.command == "label-overlap":
+        with tempfile.TemporaryDirectory() as scratch:
+            result = bench_label_overlap(Path(args.adapter), Path(args.data), args.rows, args.batch_size,
+                                         args.repeats, Path(scratch))
     elif args.command == "label-memory":
         result = bench_label_memory(Path(args.adapter), Path(args.data), args.rows, args.new_fraction)
     else:

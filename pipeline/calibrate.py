@@ -75,19 +75,21 @@ class Calibration:
             out[rows] = self.blend_weight * torch.from_numpy(decisions).float()
         return out
 
-    def blended(self, log_probs: torch.Tensor, names: list[str | None]) -> torch.Tensor:
-        """Uncalibrated shipped scores: the adapter's log-probabilities, blended when kept.
-        Rows of NaN (empty names) stay NaN."""
+    def blended(self, log_probs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Uncalibrated shipped scores: the adapter's log-probabilities plus the blend's
+        ``offsets`` (:meth:`offsets` of the same names), when the blend is kept. Rows of NaN
+        (empty names) stay NaN."""
         if not self.blend_weight:
             return log_probs
-        return blend_log_probs(log_probs, self.offsets(names), 1.0)  # offsets carry the weight
+        return blend_log_probs(log_probs, offsets, 1.0)  # offsets carry the weight
 
     def calibrated(self, scores: torch.Tensor) -> torch.Tensor:
         return (scores / self.temperature).log_softmax(-1)
 
-    def apply(self, prediction: Prediction, names: list[str | None]) -> Prediction:
-        """The adapter's prediction turned into the shipped one (statuses unchanged)."""
-        log_probs = self.calibrated(self.blended(prediction.log_probs, names))
+    def apply(self, prediction: Prediction, offsets: torch.Tensor) -> Prediction:
+        """The adapter's prediction turned into the shipped one (statuses unchanged); ``offsets``
+        are :meth:`offsets` of the names it scored."""
+        log_probs = self.calibrated(self.blended(prediction.log_probs, offsets))
         usable = [i for i, label in enumerate(prediction.labels) if label is not None]
         labels, confidences = list(prediction.labels), list(prediction.confidences)
         if usable:

@@ -145,7 +145,7 @@ class EvalConfig:
 
 @dataclass
 class LabelConfig:
-    """The labeling job's report (``pipeline.report``)."""
+    """The labeling job: its report (``pipeline.report``) and how it runs."""
 
     drift_threshold: float = 0.02
     """Jensen-Shannon divergence (base 2) between a job's label shares and the training split's
@@ -155,6 +155,9 @@ class LabelConfig:
     """Rows in the review queue at most (``--review-max``)."""
     review_below: float = 0.6
     """Rows with a confidence below this enter the review queue (truncated names always do)."""
+    overlap: bool = True
+    """Read and prepare the next record batch (Parquet, tokenizing, the blend's lexical model) and
+    write the last one, each in a thread, while the model scores this one. Same output either way."""
 
 
 @dataclass

@@ -201,7 +201,8 @@ def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: R
     names = rows["product_name"].tolist()
     adapter = predictor.predict(names, progress, calibrated=False)  # calibration's, when it scored these rows
     start = time.perf_counter()
-    shipped = predictor.calibration.apply(adapter, names) if predictor.calibration else adapter
+    offsets = predictor.calibration.offsets(names) if predictor.calibration else None
+    shipped = predictor.calibration.apply(adapter, offsets) if predictor.calibration else adapter
     seconds = adapter.seconds + time.perf_counter() - start
 
     truth = rows[level].tolist()
@@ -218,7 +219,7 @@ def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: R
     truth_index = torch.tensor([labels.index(d) for d in truth])
     if predictor.calibration:
         block["adapter"] = short_metrics(truth, adapter.labels, labels)
-        uncalibrated = predictor.calibration.blended(adapter.log_probs, names).log_softmax(-1)
+        uncalibrated = predictor.calibration.blended(adapter.log_probs, offsets).log_softmax(-1)
         block["calibration"] = {"temperature": predictor.calibration.temperature,
                                 "before": calibrate.confidence_report(uncalibrated, truth_index),
                                 "after": calibrate.confidence_report(shipped.log_probs, truth_index)}

@@ -30,11 +30,12 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -44,12 +45,13 @@ from tqdm.auto import tqdm
 from pipeline.atomic import publish, temporary_path, write_atomic, write_json_atomic
 from pipeline.config import LabelConfig
 from pipeline.errors import LabelError, LabelingInterrupted
-from pipeline.predict import Predictor, run_recipe, sha256_file
+from pipeline.predict import Predictor, Prepared, run_recipe, sha256_file
 from pipeline.progress import progress_bar
 from pipeline.report import RUNNERS_UP, TOP_K, LabelStats, finish_job
 from pipeline.scoring import Prediction
 
 log = logging.getLogger(__name__)
+T, U = TypeVar("T"), TypeVar("U")
 
 OUTPUT_COLUMNS = ["department", "department_confidence", "label_status", "labeled_by", "labeled_at"]
 """What a department-level run adds to every row; an aisle-level run adds ``aisle`` and
@@ -245,15 +247,29 @@ def _needs_label(batch: pa.RecordBatch, labeled_by: str, level: str) -> list[boo
     return missing.to_pylist()
 
 
+def prepare_batch(labeler: Labeler, batch: pa.RecordBatch, text_column: str,
+                  only_missing: bool) -> tuple[list[int], Prepared]:
+    """What a record batch needs before the model: the rows to label and their prepared names
+    (prompts; the blend's lexical scores)."""
+    names = batch.column(text_column).to_pylist()
+    todo = _needs_label(batch, labeler.labeled_by, labeler.predictor.level) if only_missing else [True] * batch.num_rows
+    rows = [i for i, t in enumerate(todo) if t]
+    return rows, labeler.predictor.prepare([names[i] for i in rows])
+
+
 def label_batch(labeler: Labeler, batch: pa.RecordBatch, text_column: str, only_missing: bool,
                 labeled_at: datetime) -> pa.RecordBatch:
+    """A record batch labeled: :func:`prepare_batch`, the model, :func:`output_batch`."""
+    rows, prepared = prepare_batch(labeler, batch, text_column, only_missing)
+    return output_batch(labeler, batch, rows, labeler.predictor.predict(prepared), labeled_at)
+
+
+def output_batch(labeler: Labeler, batch: pa.RecordBatch, rows: list[int], prediction: Prediction,
+                 labeled_at: datetime) -> pa.RecordBatch:
     """Input columns in order (old prediction columns replaced), plus the contract's columns, plus
-    the runners-up (:data:`RUNNERS_UP`, for the committed part; the output drops them)."""
+    the runners-up (:data:`RUNNERS_UP`, for the committed part; the output drops them);
+    ``prediction`` is of the batch's ``rows``."""
     level, columns = labeler.predictor.level, labeler.output_columns
-    names = batch.column(text_column).to_pylist()
-    todo = _needs_label(batch, labeler.labeled_by, level) if only_missing else [True] * batch.num_rows
-    rows = [i for i, t in enumerate(todo) if t]
-    prediction = labeler.predict([names[i] for i in rows])
     predicted = {level: prediction.labels, f"{level}_confidence": prediction.confidences}
     if labeler.predictor.parent is not None:
         predicted["department"], predicted["department_confidence"] = labeler.predictor.parent_prediction(prediction)
@@ -282,6 +298,25 @@ def label_batch(labeler: Labeler, batch: pa.RecordBatch, text_column: str, only_
         pa.array(new[c], types.get(c, pa.float32() if c.endswith("_confidence") else pa.string())) for c in columns]
     arrays += [pa.array(top_labels, pa.list_(pa.string())), pa.array(top_probabilities, pa.list_(pa.float64()))]
     return pa.RecordBatch.from_arrays(arrays, names=keep + columns + list(RUNNERS_UP))
+
+
+def ahead(items: Iterable[T], work: Callable[[T], U], overlap: bool = True) -> Iterator[U]:
+    """``work(item)`` for each item in order; with ``overlap``, the next item is fetched and
+    worked on in a thread while the caller uses this one (one item ahead at most)."""
+    if not overlap:
+        yield from map(work, items)
+        return
+    iterator, end = iter(items), object()
+
+    def next_done() -> Any:
+        item = next(iterator, end)
+        return end if item is end else work(item)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
+        pending = pool.submit(next_done)
+        while (done := pending.result()) is not end:
+            pending = pool.submit(next_done)
+            yield done
 
 
 def iter_batches(unit: Unit, rows_per_batch: int) -> Iterator[pa.RecordBatch]:
@@ -375,24 +410,49 @@ def label_unit(labeler: Labeler, unit: Unit, out_dir: Path, *, text_column: str,
     parts, rows, resumed_rows = [], 0, 0
     stats, level = LabelStats(), labeler.predictor.level
     first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.row_groups[0])) if unit.row_groups else 0
-    for k, batch in enumerate(iter_batches(unit, rows_per_batch)):
-        part = parts_dir / f"part-{k:06d}.parquet"
-        if part.is_file():
-            resumed_rows += batch.num_rows
-            out = pq.read_table(part)
+
+    def prepare(numbered: tuple[int, pa.RecordBatch]) -> tuple[pa.RecordBatch, Path, Any]:
+        k, batch = numbered
+        part = parts_dir / f"part-{k:06d}.parquet"  # committed by an interrupted run: no work
+        return batch, part, None if part.is_file() else prepare_batch(labeler, batch, text_column, only_missing)
+
+    def commit(batch: pa.RecordBatch, part: Path, at_row: int, scored: tuple[list[int], Prediction] | None) -> None:
+        if scored is None:  # committed by an interrupted run
+            labeled = pq.read_table(part)
         else:
-            out = pa.Table.from_batches([label_batch(labeler, batch, text_column, only_missing, labeled_at)])
-            write_atomic(part, lambda tmp, out=out: pq.write_table(out, tmp))
-        stats.add(out, level=level, labeled_by=labeler.labeled_by, labeled_at=labeled_at,
+            labeled = pa.Table.from_batches([output_batch(labeler, batch, *scored, labeled_at)])
+            write_atomic(part, lambda tmp: pq.write_table(labeled, tmp))
+        stats.add(labeled, level=level, labeled_by=labeler.labeled_by, labeled_at=labeled_at,
                   previous=batch.column(level).to_pylist() if level in batch.schema.names else None,
-                  source=unit.source, first_row=first_row + rows, id_column=id_column, text_column=text_column,
+                  source=unit.source, first_row=at_row, id_column=id_column, text_column=text_column,
                   settings=settings or LabelConfig())
-        parts.append(part)
-        rows += batch.num_rows
         bar.update(batch.num_rows)
-        if stop is not None and stop.requested:
-            raise LabelingInterrupted(f"{unit.source}: stopped on {stop.requested} with {rows} of {unit.rows} rows "
-                                      f"committed; rerun the same command to resume")
+
+    # Reading and preparing the next batch, and writing the last one, overlap the model's scoring
+    # of this one (label.overlap): on a GPU they were most of the time (results/README.md).
+    overlap = (settings or LabelConfig()).overlap
+    with ThreadPoolExecutor(1, thread_name_prefix="commit") as committer:
+        committing: Future | None = None
+        for batch, part, work in ahead(enumerate(iter_batches(unit, rows_per_batch)), prepare, overlap):
+            if work is None:
+                resumed_rows += batch.num_rows
+                scored = None
+            else:
+                todo, prepared = work
+                scored = todo, labeler.predictor.predict(prepared)
+            if committing is not None:
+                committing.result()
+            committing = committer.submit(commit, batch, part, first_row + rows, scored)
+            if not overlap:
+                committing.result()
+            parts.append(part)
+            rows += batch.num_rows
+            if stop is not None and stop.requested:
+                committing.result()
+                raise LabelingInterrupted(f"{unit.source}: stopped on {stop.requested} with {rows} of {unit.rows} "
+                                          f"rows committed; rerun the same command to resume")
+        if committing is not None:
+            committing.result()  # the last batch's
     if resumed_rows:
         log.info("%s: resumed, %d of %d rows were already committed", unit.source, resumed_rows, rows)
 

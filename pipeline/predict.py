@@ -83,6 +83,19 @@ quantizes a model in place gets a new model object, never another model's scores
 
 
 @dataclass
+class Prepared:
+    """Names with the model-free work done (:meth:`Predictor.prepare`)."""
+
+    names: list[str | None]
+    encoded: scoring.Encoded
+    calibrated: bool
+    """For the shipped prediction (else the adapter's own)."""
+    offsets: torch.Tensor | None = None
+    """(names, labels): what the shipped scores add to the adapter's, the blend's lexical part
+    (zeros without a blend or calibration); None for the adapter's own prediction."""
+
+
+@dataclass
 class Predictor:
     """A run's adapter merged into its base model, ready to score product names."""
 
@@ -129,38 +142,51 @@ class Predictor:
                    device=device, path=path, identity=identity,
                    calibration=calibrate.load(run, labels) if calibrated else None)
 
-    def predict(self, names: list[str | None], progress: bool = False, calibrated: bool = True) -> scoring.Prediction:
+    def prepare(self, names: list[str | None], calibrated: bool = True) -> Prepared:
+        """The model-free part of :meth:`predict`: prompts and, for shipped predictions, the
+        blend's lexical scores. ``pipeline.label`` prepares the next record batch in a thread
+        while the model scores this one."""
+        encoded = scoring.encode_names(self.tokenizer, names, self.max_prompt_tokens)
+        if not calibrated:
+            return Prepared(names, encoded, calibrated)
+        offsets = self.calibration.offsets(names) if self.calibration else torch.zeros((len(names), len(self.labels)))
+        return Prepared(names, encoded, calibrated, offsets)
+
+    def predict(self, names: list[str | None] | Prepared, progress: bool = False,
+                calibrated: bool = True) -> scoring.Prediction:
         """Labels, confidences, label log-probabilities and statuses, row for row: the shipped
-        ones, or with ``calibrated=False`` the adapter's own.
+        ones, or with ``calibrated=False`` the adapter's own (``names`` already :meth:`prepare`'d
+        say which they are for).
 
         The adapter's own scores of the last list of names are kept for this process: ``train``
         calibrates on validation and then evaluates the same rows with the same adapter, and with
         the trie scorer (hundreds of labels) a pass over validation is most of a run's evaluation.
         Shipped predictions are never reused, so that benchmarks time real scoring.
         """
+        prepared = names if isinstance(names, Prepared) else self.prepare(names, calibrated)
         key = None
-        if not calibrated:  # labeling batches (shipped) never build the key
+        if not prepared.calibrated:  # labeling batches (shipped) never build the key
             key = (self.identity.get("adapter_sha256"), str(self.run_dir), self.path, self.scorer,
-                   tuple(self.labels), self.max_prompt_tokens, tuple(names))
+                   tuple(self.labels), self.max_prompt_tokens, tuple(prepared.names))
             model, kept = _adapter_scores.get(key, (None, None))
             if kept is not None and model() is self.model:
                 return kept
         start = time.perf_counter()
-        search = self.search_space(names) if calibrated else None
-        prediction = scoring.predict(self.model, self.tokenizer, names, self.labels, scorer=self.scorer,
-                                     batch_size=self.batch_size, max_prompt_tokens=self.max_prompt_tokens,
-                                     progress=progress, search=search)
+        search = self.search_space(prepared.offsets) if prepared.offsets is not None else None
+        prediction = scoring.predict(self.model, self.tokenizer, prepared.encoded, self.labels, scorer=self.scorer,
+                                     batch_size=self.batch_size, progress=progress, search=search)
         prediction.seconds = time.perf_counter() - start
         if key is not None:
             _adapter_scores.clear()
             _adapter_scores[key] = (weakref.ref(self.model), prediction)
         elif self.calibration and search is None:
-            return self.calibration.apply(prediction, names)
+            return self.calibration.apply(prediction, prepared.offsets)
         return prediction
 
-    def search_space(self, names: list[str | None]) -> scoring.SearchSpace | None:
-        """Where the trie scorer's shipped predictions are searched (the calibration's blend and
-        temperature), or None where every label is scored: other scorers, ``eval.trie_tolerance: 0``.
+    def search_space(self, offsets: torch.Tensor) -> scoring.SearchSpace | None:
+        """Where the trie scorer's shipped predictions are searched: the calibration's blend
+        (``offsets``, :meth:`prepare`'s) and temperature; None where every label is scored: other
+        scorers, ``eval.trie_tolerance: 0``.
 
         Only shipped predictions search: calibration is fitted on, and evaluation reports, every
         label's exact score, and the search's top label is that exact score's top label."""
@@ -169,9 +195,8 @@ class Predictor:
             raise ConfigError(f"eval.trie_tolerance must be in [0, 1), got {tolerance}")
         if self.scorer != "trie" or tolerance == 0:
             return None
-        if self.calibration is None:
-            return scoring.SearchSpace(torch.zeros((len(names), len(self.labels))), 1.0, tolerance)
-        return scoring.SearchSpace(self.calibration.offsets(names), self.calibration.temperature, tolerance)
+        temperature = self.calibration.temperature if self.calibration else 1.0
+        return scoring.SearchSpace(offsets, temperature, tolerance)
 
     def parent_prediction(self, prediction: scoring.Prediction) -> tuple[list[str | None], list[float | None]]:
         """Each row's department: the parent of its predicted label, with the summed probability

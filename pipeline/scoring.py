@@ -116,6 +116,28 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, names: list[str], max_pro
             for ids, cut in zip(encoded, truncated)], truncated
 
 
+@dataclass
+class Encoded:
+    """A list of names made ready for a scorer: the model-free part of :func:`predict`, which a
+    caller can do ahead (``pipeline.label`` encodes the next record batch while the model scores
+    this one)."""
+
+    size: int
+    """How many names, empty ones included."""
+    usable: list[int]
+    """Indices of the names that are not empty: only they are scored."""
+    prompts: list[list[int]]
+    """Prompt token ids of the usable names (:func:`encode_prompts`)."""
+    truncated: list[bool]
+
+
+def encode_names(tokenizer: PreTrainedTokenizerBase, names: list[str | None],
+                 max_prompt_tokens: int | None = None) -> Encoded:
+    usable = [i for i, name in enumerate(names) if name is not None and str(name).strip()]
+    prompts, truncated = encode_prompts(tokenizer, [str(names[i]) for i in usable], max_prompt_tokens)
+    return Encoded(len(names), usable, prompts, truncated)
+
+
 def head_logits(model, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The LM head's logits for ``hidden`` states: for ``token_ids`` only, or the whole vocabulary.
 
@@ -511,29 +533,29 @@ def label_log_probs(model, tokenizer, prompts: list[list[int]], labels: list[str
     return label_log_likelihoods(model, tokenizer, prompts, labels, batch_size, progress=progress).log_softmax(-1)
 
 
-def predict(model, tokenizer, names: list[str | None], labels: list[str], *, scorer: str = "auto",
+def predict(model, tokenizer, names: list[str | None] | Encoded, labels: list[str], *, scorer: str = "auto",
             batch_size: int = 64, max_prompt_tokens: int | None = None, progress: bool = False,
             search: SearchSpace | None = None) -> Prediction:
-    """Score raw product names against the label set; empty names get no label. With ``search``
-    (offsets row for row with ``names``) the trie scorer's labels come from
-    :func:`trie_search_log_probs`, in that space."""
-    usable = [i for i, name in enumerate(names) if name is not None and str(name).strip()]
-    log_probs = torch.full((len(names), len(labels)), float("nan"))
-    predicted: list[str | None] = [None] * len(names)
-    confidences: list[float | None] = [None] * len(names)
-    statuses = ["empty_name"] * len(names)
+    """Score raw product names (or names already :func:`encode_names`'d) against the label set;
+    empty names get no label. With ``search`` (offsets row for row with ``names``) the trie
+    scorer's labels come from :func:`trie_search_log_probs`, in that space."""
+    encoded = names if isinstance(names, Encoded) else encode_names(tokenizer, names, max_prompt_tokens)
+    usable = encoded.usable
+    log_probs = torch.full((encoded.size, len(labels)), float("nan"))
+    predicted: list[str | None] = [None] * encoded.size
+    confidences: list[float | None] = [None] * encoded.size
+    statuses = ["empty_name"] * encoded.size
     if usable:
-        prompts, truncated = encode_prompts(tokenizer, [str(names[i]) for i in usable], max_prompt_tokens)
         if search is not None and choose_scorer(scorer, tokenizer, labels) == "trie":
             space = SearchSpace(search.offsets[usable], search.temperature, search.tolerance)
-            scored = trie_search_log_probs(model, tokenizer, prompts, labels, space, batch_size, progress)
+            scored = trie_search_log_probs(model, tokenizer, encoded.prompts, labels, space, batch_size, progress)
         else:
-            scored = label_log_probs(model, tokenizer, prompts, labels, scorer, batch_size, progress)
+            scored = label_log_probs(model, tokenizer, encoded.prompts, labels, scorer, batch_size, progress)
         log_probs[usable] = scored
         best = best_labels(labels, scored)
         for k, i in enumerate(usable):
             predicted[i], confidences[i] = best.labels[k], best.confidence[k]
-            statuses[i] = "truncated" if truncated[k] else "ok"
+            statuses[i] = "truncated" if encoded.truncated[k] else "ok"
     return Prediction(predicted, confidences, log_probs, statuses)
 
 

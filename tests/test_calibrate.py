@@ -169,7 +169,7 @@ def test_evaluation_reuses_the_adapter_scores_that_calibration_made(adapter_run,
 
     scored = []
     real_predict = scoring.predict
-    monkeypatch.setattr(scoring, "predict", lambda *args, **kwargs: scored.append(len(args[2])) or
+    monkeypatch.setattr(scoring, "predict", lambda *args, **kwargs: scored.append(args[2].size) or
                         real_predict(*args, **kwargs))
     run = tmp_path / "run"
     shutil.copytree(adapter_run, run)

@@ -217,6 +217,26 @@ def test_an_interrupted_file_resumes_from_its_last_committed_batch(adapter_run, 
     assert queue["top1_probability"].to_numpy() == pytest.approx(queue["confidence"].to_numpy(), abs=1e-3)
 
 
+def test_overlapping_preparation_and_commits_with_the_model_changes_no_output(adapter_run, catalog, tmp_path):
+    """label.overlap (the default) prepares the next batch and commits the last one in threads; the
+    outputs, review queue and counts equal those of one batch at a time."""
+    jobs = {}
+    for overlap in ("true", "false"):
+        out = tmp_path / overlap
+        label_catalogs(adapter_run, [str(catalog)], out, rows_per_batch=16, batch_size=16, progress=False,
+                       overrides=[f"label.overlap={overlap}"])
+        jobs[overlap] = out
+    for name in ("a.parquet", "sub/b.parquet", "c.parquet"):
+        overlapped, serial = (pq.read_table(jobs[o] / name) for o in ("true", "false"))
+        assert _without_time(overlapped).equals(_without_time(serial)), name
+    queues = [pd.read_parquet(jobs[o] / "_report" / "review_queue.parquet") for o in ("true", "false")]
+    assert len(queues[0]) > 0
+    pd.testing.assert_frame_equal(*queues)
+    summaries = [json.loads((jobs[o] / "_report" / "summary.json").read_text()) for o in ("true", "false")]
+    assert summaries[0]["rows"] == summaries[1]["rows"] == 331
+    assert summaries[0]["label_distribution"] == summaries[1]["label_distribution"]
+
+
 def test_in_place_survives_a_kill_before_the_rename(adapter_run, catalog, tmp_path):
     target = tmp_path / "live"
     target.mkdir()

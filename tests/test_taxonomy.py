@@ -77,12 +77,13 @@ def test_only_the_trie_scorer_searches_and_a_tolerance_outside_0_1_is_named():
         return Predictor(run_dir=None, recipe=recipe, model=None, tokenizer=None, labels=["a", "b"], scorer=scorer,
                          max_prompt_tokens=8, batch_size=1, device="cpu", path=InferencePath(torch.float32))
 
-    space = predictor("trie", 0.05).search_space(["Bread Rolls", None])
-    assert space.tolerance == 0.05 and space.offsets.shape == (2, 2) and not space.offsets.any()
-    assert predictor("first_token", 0.05).search_space(["Bread Rolls"]) is None
-    assert predictor("trie", 0.0).search_space(["Bread Rolls"]) is None  # every label scored
+    offsets = torch.zeros((2, 2))  # an uncalibrated run's
+    space = predictor("trie", 0.05).search_space(offsets)
+    assert space.tolerance == 0.05 and space.temperature == 1.0
+    assert predictor("first_token", 0.05).search_space(offsets) is None
+    assert predictor("trie", 0.0).search_space(offsets) is None  # every label scored
     with pytest.raises(ConfigError, match=r"eval.trie_tolerance must be in \[0, 1\), got 1.5"):
-        predictor("trie", 1.5).search_space(["Bread Rolls"])
+        predictor("trie", 1.5).search_space(offsets)
 
 
 def test_an_aisle_level_run_labels_and_evaluates_both_levels(aisle_run, data_dir, tmp_path):
@@ -136,7 +137,8 @@ def test_a_calibrated_aisle_run_labels_through_its_blend_what_its_exact_scores_s
     predictor = Predictor.from_run(run, batch_size=8)
     assert predictor.calibration.blend_weight > 0  # the search runs with the lexical model's offsets
     names = pd.read_parquet(data / "validation.parquet")["product_name"].head(16).tolist()
-    exact = predictor.calibration.apply(predictor.predict(names, calibrated=False), names)  # calibration's scores
+    calibration = predictor.calibration
+    exact = calibration.apply(predictor.predict(names, calibrated=False), calibration.offsets(names))  # its scores
     searched = predictor.predict(names)
     assert searched.labels == exact.labels
     errors = [abs(a - b) for a, b in zip(searched.confidences, exact.confidences)]
