@@ -155,9 +155,12 @@ class LabelConfig:
     """Rows in the review queue at most (``--review-max``)."""
     review_below: float = 0.6
     """Rows with a confidence below this enter the review queue (truncated names always do)."""
-    overlap: bool = True
+    overlap: bool | None = None
     """Read and prepare the next record batch (Parquet, tokenizing, the blend's lexical model) and
-    write the last one, each in a thread, while the model scores this one. Same output either way."""
+    write the last one, each in a thread, while the model scores this one; same output either way.
+    None: on where the model runs on a GPU (whose host would otherwise idle it while tokenizing),
+    off on a CPU, where the threads take cores from the model's (6% slower on 2 cores:
+    results/README.md)."""
 
 
 @dataclass

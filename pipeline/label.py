@@ -431,6 +431,8 @@ def label_unit(labeler: Labeler, unit: Unit, out_dir: Path, *, text_column: str,
     # Reading and preparing the next batch, and writing the last one, overlap the model's scoring
     # of this one (label.overlap): on a GPU they were most of the time (results/README.md).
     overlap = (settings or LabelConfig()).overlap
+    if overlap is None:
+        overlap = labeler.predictor.device != "cpu"
     with ThreadPoolExecutor(1, thread_name_prefix="commit") as committer:
         committing: Future | None = None
         for batch, part, work in ahead(enumerate(iter_batches(unit, rows_per_batch)), prepare, overlap):

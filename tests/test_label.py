@@ -192,8 +192,9 @@ def test_an_interrupted_file_resumes_from_its_last_committed_batch(adapter_run, 
     def committed() -> int:
         return sum(pq.ParquetFile(p).metadata.num_rows for p in parts_dir.glob("part-*.parquet"))
 
+    threads = ("--set", "label.overlap=true")  # a GPU's default: batches prepared and committed in threads
     for how, part in ((signal.SIGTERM, "part-000002.parquet"), (signal.SIGKILL, "part-000006.parquet")):
-        process = subprocess.Popen(_label_cmd(adapter_run, big, out), cwd=REPO,
+        process = subprocess.Popen(_label_cmd(adapter_run, big, out, *threads), cwd=REPO,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         _stop_when(out, part, process, how)
         if how == signal.SIGTERM:
@@ -201,7 +202,7 @@ def test_an_interrupted_file_resumes_from_its_last_committed_batch(adapter_run, 
         assert 16 * (int(part[5:11]) + 1) <= committed() < 200 and not (out / "a.parquet").exists()
     before_last_run = committed()
 
-    result = subprocess.run(_label_cmd(adapter_run, big, out), cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(_label_cmd(adapter_run, big, out, *threads), cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads((out / "_manifest" / "a.parquet.json").read_text())
     assert manifest["resumed_rows"] == before_last_run  # what was committed was not labeled again
