@@ -273,6 +273,23 @@ class LabelTrie:
         return visible
 
     @cached_property
+    def ancestors(self) -> list[list[int]]:
+        """Each inner node's inner ancestors, root first."""
+        out: list[list[int]] = []
+        for parent in self.parents:  # parents come before their children
+            out.append([] if parent < 0 else out[parent] + [parent])
+        return out
+
+    @cached_property
+    def has_inner_children(self) -> list[bool]:
+        """Whether a node is the context of another inner node (its keys and values are needed again)."""
+        out = [False] * len(self.tokens)
+        for parent in self.parents:
+            if parent >= 0:
+                out[parent] = True
+        return out
+
+    @cached_property
     def child_edges(self) -> list[list[int]]:
         """The edges leaving each inner node (what the model's output at that node scores)."""
         children: list[list[int]] = [[] for _ in self.tokens]
@@ -358,7 +375,7 @@ class SearchSpace:
 
 
 SEARCH_LABELS_PER_ROUND = 64
-"""Labels added to one product's search in one round at most (bounds a round's tree)."""
+"""Labels one product takes a node further in one round, at most."""
 POSITIONS_PER_PROJECTION = 512
 """Node outputs projected onto the vocabulary at once: bounds memory at (positions, vocab)."""
 
@@ -373,12 +390,11 @@ def search_certified(scores: torch.Tensor, scored: torch.Tensor, log_tolerance: 
             & (bound.logsumexp(-1) <= log_tolerance + exact.logsumexp(-1)))
 
 
-def search_candidates(scores: torch.Tensor, scored: torch.Tensor, log_tolerance: float,
-                      minimum: torch.Tensor) -> list[list[int]]:
-    """Per row, the unscored labels to score next: the fewest of the highest bounds after which
-    the rest could hold no more than the tolerance, were each candidate's bound its score;
-    at least ``minimum`` of them (the search doubles a row's candidates each round, so a row
-    whose bounds were loose takes few rounds)."""
+def search_candidates(scores: torch.Tensor, scored: torch.Tensor, log_tolerance: float) -> list[list[int]]:
+    """Per row, the unscored labels to take one node further: the fewest of the highest bounds
+    after which the rest could hold no more than the tolerance, were each candidate's bound its
+    score. A candidate's bound only falls as its path is computed, so taking more than these at
+    once computes nodes the search may never need (it did: results/README.md)."""
     bound = scores.masked_fill(scored, -torch.inf)
     values, order = bound.sort(-1, descending=True)
     known = scores.masked_fill(~scored, -torch.inf).logsumexp(-1, keepdim=True)
@@ -386,9 +402,7 @@ def search_candidates(scores: torch.Tensor, scored: torch.Tensor, log_tolerance:
     rest = values.flip(-1).logcumsumexp(-1).flip(-1)  # [k]: the bounds from k on
     rest = torch.cat([rest[:, 1:], torch.full_like(rest[:, :1], -torch.inf)], 1)  # [k - 1]: after taking k
     enough = (rest <= log_tolerance + head).float().argmax(-1) + 1
-    unscored = (~scored).sum(-1)
-    counts = torch.minimum(torch.minimum(torch.maximum(enough, minimum), unscored),
-                           torch.tensor(SEARCH_LABELS_PER_ROUND))
+    counts = torch.minimum(torch.minimum(enough, (~scored).sum(-1)), torch.tensor(SEARCH_LABELS_PER_ROUND))
     return [order[r, : int(k)].tolist() for r, k in enumerate(counts)]
 
 
@@ -401,12 +415,14 @@ def trie_search_log_probs(model, tokenizer, prompts: list[list[int]], labels: li
 
     A best-first search over the label trie, in the shipped space: a label's log-likelihood is a
     sum of log-probabilities (each <= 0), so the part computed so far bounds it from above. The
-    prompt pass gives every label's first token; then, in rounds, each product scores exactly the
-    labels whose bounds could still hold mass (:func:`search_candidates`: one pass over their
-    sub-trie from the prompt's cached keys/values, as :func:`trie_log_likelihoods` does for the
-    whole trie), and every edge leaving a computed node tightens the bounds of the labels below
-    it, until :func:`search_certified`. The top label is the exact scorer's. ``stats``, when
-    given, receives counts per product.
+    prompt pass gives every label's first token; then, in rounds, each product takes the labels
+    whose bounds could still hold mass (:func:`search_candidates`) one node further down their
+    paths, and every edge leaving a computed node tightens the bounds of the labels below it,
+    until :func:`search_certified`. A label whose bound falls early is never followed deeper, and
+    no node is computed twice: a round's nodes see the prompt's and their ancestors' kept keys and
+    values (:class:`NodeStore`), products taking similar numbers of nodes in one pass
+    (:func:`_similar_sizes`). The top label is the exact scorer's. ``stats``, when given,
+    receives counts per product.
     """
     trie = LabelTrie.build(label_token_ids(tokenizer, labels))
     device = next(model.parameters()).device
@@ -415,35 +431,32 @@ def trie_search_log_probs(model, tokenizer, prompts: list[list[int]], labels: li
     root = torch.tensor([source == 0 for source in trie.edge_sources], device=device)
     root_tokens = torch.tensor(trie.edge_tokens, device=device)[root]
     log_tolerance = math.log(space.tolerance) if space.tolerance > 0 else -math.inf
-    counts = {"products": 0, "rounds": 0, "labels_scored": 0, "nodes": 0, "node_slots": 0}
+    counts = {"products": 0, "rounds": 0, "labels_scored": 0, "nodes": 0}
     out = torch.empty((len(prompts), len(labels)))
     with progress_bar(len(prompts), "scoring (trie search)", "product", disable=not progress) as bar:
         for batch in _batches([len(p) for p in prompts], batch_size):
             attention, cache, next_token = _cached_prompt_pass(model, tokenizer, [prompts[i] for i in batch], device)
             rows = len(batch)
+            store = NodeStore(rows, trie)
             edge_log_probs = torch.zeros((rows, len(trie.edge_sources)), device=device)
             edge_known = torch.zeros(edge_log_probs.shape, dtype=torch.bool, device=device)
             edge_log_probs[:, root] = next_token[:, root_tokens]
             edge_known[:, root] = True
             offsets = space.offsets[batch].to(device)
-            taken = torch.zeros(rows, dtype=torch.long)
             while True:
                 scores = (edge_log_probs @ paths + offsets) / space.temperature  # bounds; exact where scored
                 scored = (edge_known.float() @ paths) == path_edges
                 pending = (~search_certified(scores, scored, log_tolerance)).nonzero().squeeze(1).cpu()
                 if not len(pending):
                     break
-                chosen = search_candidates(scores[pending].cpu(), scored[pending].cpu(), log_tolerance,
-                                           2 * taken[pending])
-                taken[pending] = torch.tensor([len(c) for c in chosen])
-                nodes = [sorted({n for label in labels_r for n in trie.label_nodes[label]}) for labels_r in chosen]
+                chosen = search_candidates(scores[pending].cpu(), scored[pending].cpu(), log_tolerance)
+                nodes = [sorted({store.next_node(int(r), trie.label_nodes[label]) for label in labels_r})
+                         for r, labels_r in zip(pending, chosen)]
                 for group in _similar_sizes([len(n) for n in nodes]):
-                    here = pending[group].to(device)
-                    at_rows, edges, values = _expand(model, trie, cache, here, [nodes[g] for g in group],
-                                                     attention, tokenizer.pad_token_id)
-                    edge_log_probs[here[at_rows], edges] = values
-                    edge_known[here[at_rows], edges] = True
-                    counts["node_slots"] += len(group) * max(len(nodes[g]) for g in group)
+                    at_rows, edges, values = _expand(model, trie, cache, store, pending[group].tolist(),
+                                                     [nodes[k] for k in group], attention)
+                    edge_log_probs[at_rows, edges] = values
+                    edge_known[at_rows, edges] = True
                 counts["rounds"] += 1
                 counts["nodes"] += sum(map(len, nodes))
             out[batch] = scores.masked_fill(~scored, -torch.inf).log_softmax(-1).cpu()
@@ -454,15 +467,14 @@ def trie_search_log_probs(model, tokenizer, prompts: list[list[int]], labels: li
         n = max(1, counts["products"])
         stats.update(products=counts["products"], rounds=counts["rounds"],
                      labels_scored_per_product=round(counts["labels_scored"] / n, 2),
-                     nodes_per_product=round(counts["nodes"] / n, 2),
-                     node_slots_per_product=round(counts["node_slots"] / n, 2))
+                     nodes_per_product=round(counts["nodes"] / n, 2))
     return out
 
 
 def _similar_sizes(sizes: list[int], slack: float = 1.25) -> list[list[int]]:
     """Indices grouped by size, each group's largest at most ``slack`` x its smallest (+ 2): a
-    pass pads every row to its group's largest tree, and one product with 60 nodes would
-    otherwise make 63 others pay for 60."""
+    pass pads every row to its group's largest, and one product with 60 nodes would otherwise
+    make 63 others pay for 60; a pass per size would pay each pass's copies of the cache."""
     groups: list[list[int]] = []
     for i in sorted(range(len(sizes)), key=sizes.__getitem__):
         if groups and sizes[i] <= slack * sizes[groups[-1][0]] + 2:
@@ -472,44 +484,116 @@ def _similar_sizes(sizes: list[int], slack: float = 1.25) -> list[list[int]]:
     return groups
 
 
-def _expand(model, trie: LabelTrie, prompt_cache, rows: torch.Tensor, nodes: list[list[int]],
-            attention: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The model's output at each of ``nodes[r]`` (a sub-trie, parents first) after the prompt of
-    batch row ``rows[r]``, each node seeing the prompt and its ancestors: returns, for every edge
-    leaving those nodes, (index into ``rows``, edge, log-probability)."""
+class NodeStore:
+    """The keys and values of the trie nodes a search has computed, per batch row, so that a later
+    round takes a path one node further without recomputing its ancestors. Only nodes that are
+    another inner node's context are kept (a label's last node before EOS never is)."""
+
+    def __init__(self, rows: int, trie: LabelTrie) -> None:
+        self.kept = trie.has_inner_children
+        self.computed = torch.zeros((rows, len(trie.tokens)), dtype=torch.bool)
+        self.slot = torch.full((rows, len(trie.tokens)), -1, dtype=torch.long)
+        """Where a kept node's keys and values sit in :attr:`keys` / :attr:`values` (-1: not kept)."""
+        self.filled = [0] * rows
+        self.keys: list[torch.Tensor] = []
+        """Per layer, (rows, key-value heads, capacity, head dim)."""
+        self.values: list[torch.Tensor] = []
+
+    def next_node(self, row: int, path: list[int]) -> int:
+        """The first node of ``path`` (an unscored label's inner nodes, root first) not yet computed
+        for ``row``: its ancestors are all computed."""
+        return next(node for node in path if not self.computed[row, node])
+
+    def gather(self, layer: int, rows: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) at ``slots`` (rows x context) of ``rows``: (rows, heads, context, dim)."""
+        keys, values = self.keys[layer], self.values[layer]
+        index = (rows.to(keys.device)[:, None], slice(None), slots.to(keys.device))
+        return keys[index].transpose(1, 2), values[index].transpose(1, 2)
+
+    def put(self, rows: list[int], nodes: list[list[int]], cache, offset: int) -> None:
+        """Keep what a pass computed: ``nodes[g]`` of batch row ``rows[g]`` sit at columns
+        ``offset + j`` of the pass's ``cache`` entry ``g``."""
+        kept = []
+        for g, (row, row_nodes) in enumerate(zip(rows, nodes)):
+            for j, node in enumerate(row_nodes):
+                self.computed[row, node] = True
+                if self.kept[node]:
+                    self.slot[row, node] = self.filled[row]
+                    kept.append((g, offset + j, row, self.filled[row]))
+                    self.filled[row] += 1
+        if not kept:
+            return
+        self._reserve(max(self.filled), cache)
+        at, columns, kept_rows, slots = (torch.tensor(x, device=cache.layers[0].keys.device) for x in zip(*kept))
+        for layer, state in enumerate(cache.layers):
+            self.keys[layer][kept_rows, :, slots] = state.keys[at, :, columns]
+            self.values[layer][kept_rows, :, slots] = state.values[at, :, columns]
+
+    def _reserve(self, capacity: int, cache) -> None:
+        """Grow the store to ``capacity`` slots (doubling, so that growth is rare)."""
+        have = self.keys[0].shape[2] if self.keys else 0
+        if capacity <= have:
+            return
+        grown = max(capacity, 2 * have, 8)
+        for layer, state in enumerate(cache.layers):
+            shape = (len(self.filled), state.keys.shape[1], grown, state.keys.shape[3])
+            keys, values = state.keys.new_zeros(shape), state.values.new_zeros(shape)
+            if have:
+                keys[:, :, :have], values[:, :, :have] = self.keys[layer], self.values[layer]
+                self.keys[layer], self.values[layer] = keys, values
+            else:
+                self.keys.append(keys)
+                self.values.append(values)
+
+
+def _expand(model, trie: LabelTrie, prompt_cache, store: NodeStore, rows: list[int], nodes: list[list[int]],
+            attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's output at each of ``nodes[g]`` (nodes whose ancestors are all in ``store``)
+    after the prompt of batch row ``rows[g]``: each node sees the prompt, its ancestors' kept keys
+    and values, and itself (rows with fewer nodes are padded). Keeps the new nodes' keys and
+    values in ``store``. Returns, for every edge leaving those nodes, (batch row, edge,
+    log-probability)."""
     device = attention.device
-    cache = DynamicCache(config=model.config)  # the prompt's keys/values for these rows only
+    width, count = attention.shape[1], max(map(len, nodes))
+    context = [sorted({a for node in row_nodes for a in trie.ancestors[node]}) for row_nodes in nodes]
+    known = max(map(len, context))
+    slots = torch.zeros((len(rows), known), dtype=torch.long)
+    allowed = torch.zeros((len(rows), count, width + known + count), dtype=torch.bool, device=device)
+    batch_rows = torch.tensor(rows, device=device)
+    allowed[:, :, :width] = attention.bool()[batch_rows][:, None, :]
+    allowed[:, :, width + known:] = torch.eye(count, dtype=torch.bool, device=device)  # each node (or pad) itself
+    input_ids = torch.zeros((len(rows), count), dtype=torch.long, device=device)
+    depths = torch.ones((len(rows), count), dtype=torch.long, device=device)
+    for g, (row, row_nodes) in enumerate(zip(rows, nodes)):
+        slots[g, : len(context[g])] = store.slot[row, context[g]]
+        column = {a: width + k for k, a in enumerate(context[g])}
+        input_ids[g, : len(row_nodes)] = torch.tensor([trie.tokens[n] for n in row_nodes])
+        depths[g, : len(row_nodes)] = torch.tensor([trie.depths[n] for n in row_nodes])
+        for j, node in enumerate(row_nodes):
+            allowed[g, j, [column[a] for a in trie.ancestors[node]]] = True
+    cache = DynamicCache(config=model.config)  # the rows' prompts and the nodes' ancestors
     for layer, state in enumerate(prompt_cache.layers):
-        cache.update(state.keys[rows], state.values[rows], layer)
-    attention, width = attention[rows], attention.shape[1]
-    lengths = attention.sum(1)
-    most = max(map(len, nodes))
-    input_ids = torch.full((len(nodes), most), pad_id, dtype=torch.long, device=device)
-    positions = lengths[:, None].repeat(1, most)
-    allowed = torch.zeros((len(nodes), most, width + most), dtype=torch.bool, device=device)
-    allowed[:, :, :width] = attention.bool()[:, None, :]
-    allowed[:, :, width:] = torch.eye(most, dtype=torch.bool, device=device)  # a padding slot sees itself
-    visible = trie.visible
-    for r, row_nodes in enumerate(nodes):
-        index = torch.tensor(row_nodes)
-        m = len(row_nodes)
-        input_ids[r, :m] = torch.tensor([trie.tokens[n] for n in row_nodes])
-        positions[r, :m] = lengths[r] + torch.tensor([trie.depths[n] for n in row_nodes], device=device) - 1
-        allowed[r, :m, width : width + m] = visible[index][:, index].to(device)
-    hidden = _tree_pass(model, input_ids, allowed, positions, cache)
-    where = [(r, j, edge) for r, row_nodes in enumerate(nodes) for j, node in enumerate(row_nodes)
+        keys, values = state.keys[batch_rows], state.values[batch_rows]
+        if known:
+            kept_keys, kept_values = store.gather(layer, batch_rows, slots)
+            keys, values = torch.cat([keys, kept_keys], 2), torch.cat([values, kept_values], 2)
+        cache.update(keys, values, layer)
+    hidden = _tree_pass(model, input_ids, allowed, attention.sum(1)[batch_rows, None] + depths - 1, cache)
+    store.put(rows, nodes, cache, width + known)
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # position g * count + j
+    where = [(g * count + j, edge) for g, row_nodes in enumerate(nodes) for j, node in enumerate(row_nodes)
              for edge in trie.child_edges[node]]
-    at_rows, at_columns, edges = (torch.tensor(x, device=device) for x in zip(*where))
-    unique, inverse = (at_rows * most + at_columns).unique(return_inverse=True)
-    states = hidden.reshape(-1, hidden.shape[-1])[unique]
+    at, edges = (torch.tensor(x, device=device) for x in zip(*where))
+    positions, inverse = at.unique(return_inverse=True)  # real nodes only, not the padding
+    states = hidden[positions]
     tokens = torch.tensor(trie.edge_tokens, device=device)[edges]
     values = torch.empty(len(edges), device=device)
-    for start in range(0, len(unique), POSITIONS_PER_PROJECTION):
+    for start in range(0, len(positions), POSITIONS_PER_PROJECTION):
         logits = head_logits(model, states[start : start + POSITIONS_PER_PROJECTION]).float()
         here = (inverse >= start) & (inverse < start + POSITIONS_PER_PROJECTION)
         local = inverse[here] - start
         values[here] = logits[local, tokens[here]] - logits.logsumexp(-1)[local]
-    return at_rows, edges, values
+    return batch_rows[at // count], edges, values
 
 
 def choose_scorer(name: str, tokenizer, labels: list[str]) -> str:

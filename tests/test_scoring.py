@@ -90,13 +90,15 @@ def test_trie_scorer_equals_the_full_scorer(base_model, tokenizer, labels):
     assert by_trie.numpy() == pytest.approx(full.numpy(), abs=1e-3)  # the raw likelihoods too
 
 
-@pytest.mark.parametrize("temperature, tolerance", [(1.0, 0.05), (3.0, 0.999)], ids=["mass-0.05", "top-label-only"])
-def test_trie_search_keeps_the_exact_top_label_and_probabilities_within_its_tolerance(base_model, tokenizer,
+@pytest.mark.parametrize("labels, temperature, tolerance", [
+    (embedded_aisles(), 1.0, 0.05), (embedded_aisles(), 3.0, 0.999), (TAXONOMY, 1.0, 0.05), (TAXONOMY, 1.0, 0.999)],
+    ids=["aisles-mass-0.05", "aisles-top-label-only", "shared-prefixes-mass-0.05", "shared-prefixes-top-label-only"])
+def test_trie_search_keeps_the_exact_top_label_and_probabilities_within_its_tolerance(base_model, tokenizer, labels,
                                                                                       temperature, tolerance):
     """Shipped scores are (log-likelihood + offset) / T: the search must return the exact scorer's
     top label, exact scores for what it scored, every probability (and so every department's
-    sum) within the tolerance, and skip labels to do so."""
-    labels = embedded_aisles()
+    sum) within the tolerance, and skip labels to do so. The shared-prefix taxonomy takes paths
+    of up to eight nodes a node at a time, from its ancestors' kept keys and values."""
     prompts, _ = scoring.encode_prompts(tokenizer, NAMES)
     exact = scoring.trie_log_likelihoods(base_model, tokenizer, prompts, labels, batch_size=8, progress=False)
     offsets = 4 * torch.randn(len(NAMES), len(labels), generator=torch.Generator().manual_seed(0))  # lexical votes
