@@ -88,11 +88,14 @@ class Prepared:
 
     names: list[str | None]
     encoded: scoring.Encoded
-    calibrated: bool
-    """For the shipped prediction (else the adapter's own)."""
     offsets: torch.Tensor | None = None
     """(names, labels): what the shipped scores add to the adapter's, the blend's lexical part
     (zeros without a blend or calibration); None for the adapter's own prediction."""
+
+    @property
+    def calibrated(self) -> bool:
+        """For the shipped prediction (else the adapter's own)."""
+        return self.offsets is not None
 
 
 @dataclass
@@ -148,9 +151,9 @@ class Predictor:
         while the model scores this one."""
         encoded = scoring.encode_names(self.tokenizer, names, self.max_prompt_tokens)
         if not calibrated:
-            return Prepared(names, encoded, calibrated)
+            return Prepared(names, encoded)
         offsets = self.calibration.offsets(names) if self.calibration else torch.zeros((len(names), len(self.labels)))
-        return Prepared(names, encoded, calibrated, offsets)
+        return Prepared(names, encoded, offsets)
 
     def predict(self, names: list[str | None] | Prepared, progress: bool = False,
                 calibrated: bool = True) -> scoring.Prediction:
@@ -172,7 +175,7 @@ class Predictor:
             if kept is not None and model() is self.model:
                 return kept
         start = time.perf_counter()
-        search = self.search_space(prepared.offsets) if prepared.offsets is not None else None
+        search = self.search_space(prepared.offsets) if prepared.calibrated else None
         prediction = scoring.predict(self.model, self.tokenizer, prepared.encoded, self.labels, scorer=self.scorer,
                                      batch_size=self.batch_size, progress=progress, search=search)
         prediction.seconds = time.perf_counter() - start
