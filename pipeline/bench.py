@@ -485,6 +485,59 @@ def bench_scorers(adapter: Path, data: Path, n: int, full_n: int, batch_size: in
             "trie_vs_full_on_aisles": round(rate["aisles", "trie"] / rate["aisles", "full"], 2)}
 
 
+def bench_search_depth(adapter: Path, data: Path, n: int, batch_size: int, tolerances: list[float],
+                       depths: list[int], repeats: int) -> dict[str, Any]:
+    """How far the trie search takes each candidate label per round (``nodes_per_label``): one
+    node computes nothing a pruned label does not need, a whole path needs fewer (and larger)
+    passes. Every setting, and first-token scoring of the departments as the yardstick, is timed
+    alternating in one process, the fastest of ``repeats`` counting: ratios, not absolute speed,
+    are the result on a shared machine."""
+    from pipeline import scoring
+    from pipeline.data import read_labels
+    from pipeline.predict import Predictor
+
+    predictor = Predictor.from_run(adapter, batch_size=batch_size)
+    model, tokenizer, calibration = predictor.model, predictor.tokenizer, predictor.calibration
+    if predictor.scorer != "trie" or calibration is None:
+        raise SystemExit(f"{adapter}: needs a calibrated run whose labels take the trie search (an aisle-level run)")
+    names = held_out_products(data, n)["product_name"].tolist()
+    prompts, _ = scoring.encode_prompts(tokenizer, names, predictor.max_prompt_tokens)
+    departments = read_labels(data / "labels.json")
+    space = {t: scoring.SearchSpace(calibration.offsets(names), calibration.temperature, t) for t in tolerances}
+    settings: list[tuple[float, int] | None] = [None] + [(t, d) for t in tolerances for d in depths]
+    best: dict[Any, float] = {}
+    stats: dict[Any, dict[str, float]] = {}
+    answers: dict[Any, torch.Tensor] = {}
+    scoring.label_log_probs(model, tokenizer, prompts[:batch_size], departments, "first_token", batch_size,
+                            progress=False)  # warm-up
+    for _ in range(repeats):
+        for setting in settings:
+            start = time.perf_counter()
+            if setting is None:
+                scoring.label_log_probs(model, tokenizer, prompts, departments, "first_token", batch_size,
+                                        progress=False)
+            else:
+                stats[setting] = {}
+                answers[setting] = scoring.trie_search_log_probs(
+                    model, tokenizer, prompts, predictor.labels, space[setting[0]], batch_size, progress=False,
+                    stats=stats[setting], nodes_per_label=setting[1])
+            best[setting] = min(best.get(setting, math.inf), time.perf_counter() - start)
+    rows = []
+    for tolerance, depth in settings[1:]:
+        reference = answers[tolerance, depths[0]]
+        rows.append({"tolerance": tolerance, "nodes_per_label": depth, "seconds": round(best[tolerance, depth], 2),
+                     "products_per_s": round(n / best[tolerance, depth], 2),
+                     "vs_first_token": round(best[None] / best[tolerance, depth], 3),
+                     f"vs_nodes_per_label_{depths[0]}": round(best[tolerance, depths[0]] / best[tolerance, depth], 3),
+                     "top_label_equal_share": float((answers[tolerance, depth].argmax(-1)
+                                                     == reference.argmax(-1)).float().mean()),
+                     **stats[tolerance, depth]})
+    return {"benchmark": "search-depth", "command": command_line(), "adapter": str(adapter),
+            "config": predictor.recipe.to_dict(), "machine": machine(predictor.device), "batch_size": batch_size,
+            "products": n, "repeats": repeats,
+            "first_token_departments_products_per_s": round(n / best[None], 2), "search": rows}
+
+
 def synthetic_catalog(data: Path, rows: int, new_fraction: float, labeled_by: str, path: Path,
                       row_group_size: int = 65536) -> None:
     """``rows`` products cycled from the Instacart names, written in row groups of
@@ -904,6 +957,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--tolerances", type=float, nargs="+", default=[0.001, 0.02, 0.1, 0.999],
                    help="the trie search's eval.trie_tolerance values to measure")
+    p = commands.add_parser("search-depth")
+    p.add_argument("--adapter", default="runs/aisle-demo")
+    p.add_argument("--data", default="data/instacart-aisles")
+    p.add_argument("--products", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--tolerances", type=float, nargs="+", default=[0.02, 0.999])
+    p.add_argument("--depths", type=int, nargs="+", default=[1, 64],
+                   help="nodes_per_label values (more than a label's depth: whole paths, the default)")
+    p.add_argument("--repeats", type=int, default=2)
     p = commands.add_parser("train")
     p.add_argument("--config", default="jobs/recipes/instacart-smollm2.yaml")
     p.add_argument("--run", help="a fresh run directory (default runs/bench/<recipe>-<time>)")
@@ -974,6 +1036,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "scorers":
         result = bench_scorers(Path(args.adapter), Path(args.data), args.products, args.full_products,
                                args.batch_size, args.tolerances)
+    elif args.command == "search-depth":
+        result = bench_search_depth(Path(args.adapter), Path(args.data), args.products, args.batch_size,
+                                    args.tolerances, args.depths, args.repeats)
     elif args.command == "gpu":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         with tempfile.TemporaryDirectory() as scratch:
