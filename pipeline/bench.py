@@ -369,31 +369,54 @@ def bench_profile(adapter: Path, data: Path, batch_size: int, levers: list[str],
             "paths": records}
 
 
-def bench_quality(run: Path) -> dict[str, Any]:
-    """What ``catalog-tuner calibrate`` then ``evaluate`` on validation and test give, in one record."""
+def bench_quality(run: Path, rescore: bool = True, against: Path | None = None) -> dict[str, Any]:
+    """What ``catalog-tuner calibrate`` then ``evaluate`` on validation and test give, in one record.
+
+    ``rescore=False`` reads what the run's own training wrote (``metrics.json``, ``calibration.json``)
+    instead of scoring again: a long run is not evaluated twice. ``against``, a department-level
+    run, compares the department an aisle-level run implies with that run's own predictions on the
+    test rows both scored (paired bootstrap)."""
     from pipeline import calibrate
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluate import evaluate, paired_bootstrap
     from pipeline.predict import run_recipe
 
     recipe = run_recipe(run)
     start = time.perf_counter()
-    calibration = calibrate.fit(run, recipe, progress=False)
+    if rescore:
+        calibration = calibrate.fit(run, recipe, progress=False)
+        data_dir = Path(recipe.data.dir)
+        for split in ("validation", "test"):
+            metrics = evaluate(run, data_dir / f"{split}.parquet", recipe, progress=False)
+    else:
+        calibration = json.loads((run / "calibration.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())
     calibrate_s = time.perf_counter() - start
-    data_dir = Path(recipe.data.dir)
-    for split in ("validation", "test"):
-        metrics = evaluate(run, data_dir / f"{split}.parquet", recipe, progress=False)
 
     def summary(block: dict[str, Any]) -> dict[str, Any]:
         keep = ("predictor", "accuracy", "macro_f1", "n_eval", "adapter", "baseline", "calibration",
-                "versus_baseline", "behind_baseline", "eval_products_per_s")
+                "versus_baseline", "behind_baseline", "eval_products_per_s", "department")
         out = {k: block[k] for k in keep if k in block}
         out["per_label_f1"] = {label: m["f1-score"] for label, m in block["per_label"].items()}
         return out
 
-    return {"benchmark": "quality", "command": command_line(), "run": str(run), "config": recipe.to_dict(),
-            "machine": machine(), "train_steps": metrics.get("train_steps"), "calibrate_seconds": round(calibrate_s, 1),
-            "calibration": {k: calibration[k] for k in ("blend", "temperature", "validation", "n_validation")},
-            "validation": summary(metrics["validation"]), "test": summary(metrics["test"])}
+    result = {"benchmark": "quality", "command": command_line(), "run": str(run), "config": recipe.to_dict(),
+              "machine": machine(), "train_steps": metrics.get("train_steps"),
+              "calibrate_seconds": round(calibrate_s, 1) if rescore else None,
+              "calibration": {k: calibration[k] for k in ("blend", "temperature", "validation", "n_validation")},
+              "validation": summary(metrics["validation"]), "test": summary(metrics["test"])}
+    if against is not None:
+        ours = pd.read_parquet(run / "predictions_test.parquet")
+        theirs = pd.read_parquet(against / "predictions_test.parquet")[["product_id", "predicted"]]
+        both = ours.merge(theirs, on="product_id", suffixes=("", "_against"))
+        departments = sorted(set(both["department"]))
+        truth, implied, direct = (both[c].tolist() for c in ("department", "predicted_department",
+                                                               "predicted_against"))
+        result["department_against_run"] = {
+            "run": str(against), "rows": len(both),
+            "implied_accuracy": round(float((both["predicted_department"] == both["department"]).mean()), 4),
+            "direct_accuracy": round(float((both["predicted_against"] == both["department"]).mean()), 4),
+            "implied_minus_direct": paired_bootstrap(truth, implied, direct, departments)}
+    return result
 
 
 def synthetic_taxonomy(aisles: dict[str, str], leaves: int) -> list[str]:
@@ -949,6 +972,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layouts", type=int, nargs="+", default=[1, 2], help="concurrent processes sharing the CPUs")
     p = commands.add_parser("quality")
     p.add_argument("--run", default="runs/demo")
+    p.add_argument("--scored", action="store_true", help="read the run's own evaluation instead of scoring again")
+    p.add_argument("--against", help="a department-level run: compare the departments on the test rows both scored")
     p = commands.add_parser("scorers")
     p.add_argument("--adapter", default="runs/demo")
     p.add_argument("--data", default="data/instacart")
@@ -1032,7 +1057,7 @@ def main(argv: list[str] | None = None) -> None:
         result = bench_profile(Path(args.adapter), Path(args.data), args.batch_size, args.levers, args.top)
     elif args.command == "quality":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        result = bench_quality(Path(args.run))
+        result = bench_quality(Path(args.run), not args.scored, Path(args.against) if args.against else None)
     elif args.command == "scorers":
         result = bench_scorers(Path(args.adapter), Path(args.data), args.products, args.full_products,
                                args.batch_size, args.tolerances)
