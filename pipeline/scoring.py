@@ -375,7 +375,7 @@ class SearchSpace:
 
 
 SEARCH_LABELS_PER_ROUND = 64
-"""Labels one product takes a node further in one round, at most."""
+"""Labels one product takes further down their paths in one round, at most."""
 POSITIONS_PER_PROJECTION = 512
 """Node outputs projected onto the vocabulary at once: bounds memory at (positions, vocab)."""
 
@@ -391,7 +391,7 @@ def search_certified(scores: torch.Tensor, scored: torch.Tensor, log_tolerance: 
 
 
 def search_candidates(scores: torch.Tensor, scored: torch.Tensor, log_tolerance: float) -> list[list[int]]:
-    """Per row, the unscored labels to take one node further: the fewest of the highest bounds
+    """Per row, the unscored labels to take further: the fewest of the highest bounds
     after which the rest could hold no more than the tolerance, were each candidate's bound its
     score. A candidate's bound only falls as its path is computed, so taking more than these at
     once computes nodes the search may never need (it did: results/README.md)."""
@@ -433,7 +433,7 @@ def trie_search_log_probs(model, tokenizer, prompts: list[list[int]], labels: li
     root = torch.tensor([source == 0 for source in trie.edge_sources], device=device)
     root_tokens = torch.tensor(trie.edge_tokens, device=device)[root]
     log_tolerance = math.log(space.tolerance) if space.tolerance > 0 else -math.inf
-    counts = {"products": 0, "rounds": 0, "labels_scored": 0, "nodes": 0}
+    counts = {"products": 0, "rounds": 0, "passes": 0, "labels_scored": 0, "nodes": 0, "padded_nodes": 0}
     out = torch.empty((len(prompts), len(labels)))
     with progress_bar(len(prompts), "scoring (trie search)", "product", disable=not progress) as bar:
         for batch in _batches([len(p) for p in prompts], batch_size):
@@ -460,6 +460,8 @@ def trie_search_log_probs(model, tokenizer, prompts: list[list[int]], labels: li
                                                      [nodes[k] for k in group], attention)
                     edge_log_probs[at_rows, edges] = values
                     edge_known[at_rows, edges] = True
+                    counts["passes"] += 1
+                    counts["padded_nodes"] += len(group) * max(len(nodes[k]) for k in group)
                 counts["rounds"] += 1
                 counts["nodes"] += sum(map(len, nodes))
             out[batch] = scores.masked_fill(~scored, -torch.inf).log_softmax(-1).cpu()
@@ -468,9 +470,10 @@ def trie_search_log_probs(model, tokenizer, prompts: list[list[int]], labels: li
             bar.update(rows)
     if stats is not None:
         n = max(1, counts["products"])
-        stats.update(products=counts["products"], rounds=counts["rounds"],
+        stats.update(products=counts["products"], rounds=counts["rounds"], passes=counts["passes"],
                      labels_scored_per_product=round(counts["labels_scored"] / n, 2),
-                     nodes_per_product=round(counts["nodes"] / n, 2))
+                     nodes_per_product=round(counts["nodes"] / n, 2),
+                     padded_nodes_per_product=round(counts["padded_nodes"] / n, 2))
     return out
 
 
@@ -489,7 +492,7 @@ def _similar_sizes(sizes: list[int], slack: float = 1.25) -> list[list[int]]:
 
 class NodeStore:
     """The keys and values of the trie nodes a search has computed, per batch row, so that a later
-    round takes a path one node further without recomputing its ancestors. Only nodes that are
+    round takes a path further without recomputing its ancestors. Only nodes that are
     another inner node's context are kept (a label's last node before EOS never is)."""
 
     def __init__(self, rows: int, trie: LabelTrie) -> None:
