@@ -377,7 +377,7 @@ def bench_quality(run: Path, rescore: bool = True, against: Path | None = None) 
     run, compares the department an aisle-level run implies with that run's own predictions on the
     test rows both scored (paired bootstrap)."""
     from pipeline import calibrate
-    from pipeline.evaluate import evaluate, paired_bootstrap
+    from pipeline.evaluate import evaluate
     from pipeline.predict import run_recipe
 
     recipe = run_recipe(run)
@@ -405,18 +405,25 @@ def bench_quality(run: Path, rescore: bool = True, against: Path | None = None) 
               "calibration": {k: calibration[k] for k in ("blend", "temperature", "validation", "n_validation")},
               "validation": summary(metrics["validation"]), "test": summary(metrics["test"])}
     if against is not None:
-        ours = pd.read_parquet(run / "predictions_test.parquet")
-        theirs = pd.read_parquet(against / "predictions_test.parquet")[["product_id", "predicted"]]
-        both = ours.merge(theirs, on="product_id", suffixes=("", "_against"))
-        departments = sorted(set(both["department"]))
-        truth, implied, direct = (both[c].tolist() for c in ("department", "predicted_department",
-                                                               "predicted_against"))
-        result["department_against_run"] = {
-            "run": str(against), "rows": len(both),
-            "implied_accuracy": round(float((both["predicted_department"] == both["department"]).mean()), 4),
-            "direct_accuracy": round(float((both["predicted_against"] == both["department"]).mean()), 4),
-            "implied_minus_direct": paired_bootstrap(truth, implied, direct, departments)}
+        result["department_against_run"] = {"run": str(against), **implied_against_direct(
+            run / "predictions_test.parquet", against / "predictions_test.parquet")}
     return result
+
+
+def implied_against_direct(aisle_predictions: Path, department_predictions: Path) -> dict[str, Any]:
+    """The department an aisle-level run's prediction implies against a department-level run's own
+    prediction, on the products both scored (their evaluations may cover different rows)."""
+    from pipeline.evaluate import paired_bootstrap
+
+    theirs = pd.read_parquet(department_predictions, columns=["product_id", "predicted"])
+    both = pd.read_parquet(aisle_predictions).merge(theirs.rename(columns={"predicted": "predicted_direct"}),
+                                                    on="product_id")
+    truth, implied, direct = (both[c].tolist() for c in ("department", "predicted_department", "predicted_direct"))
+    return {"rows": len(both),
+            "implied_accuracy": round(float((both["predicted_department"] == both["department"]).mean()), 4),
+            "direct_accuracy": round(float((both["predicted_direct"] == both["department"]).mean()), 4),
+            "implied_minus_direct": paired_bootstrap(truth, implied, direct, sorted(set(truth) | set(implied)
+                                                                                    | set(direct)))}
 
 
 def synthetic_taxonomy(aisles: dict[str, str], leaves: int) -> list[str]:

@@ -5,10 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.bench import parse_generation, synthetic_catalog
+from pipeline.bench import implied_against_direct, parse_generation, synthetic_catalog
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["dairy eggs", "frozen", "snacks", "pets"]
@@ -19,6 +20,19 @@ def test_parse_generation_takes_the_first_label_after_the_prompt():
     assert parse_generation(prompt + " frozen<|im_end|>", prompt, LABELS) == "frozen"
     assert parse_generation(prompt + " Department - Snacks, or frozen", prompt, LABELS) == "snacks"
     assert parse_generation(prompt + " everybody is happy!", prompt, LABELS) is None
+
+
+def test_implied_departments_are_compared_only_on_the_products_both_runs_scored(tmp_path):
+    pd.DataFrame({"product_id": [1, 2, 3, 4], "department": ["frozen", "snacks", "pets", "frozen"],
+                  "predicted_department": ["frozen", "snacks", "snacks", "frozen"]}).to_parquet(
+        tmp_path / "aisle.parquet")
+    pd.DataFrame({"product_id": [2, 3, 4, 9], "predicted": ["pets", "pets", "frozen", "frozen"]}).to_parquet(
+        tmp_path / "department.parquet")
+    compared = implied_against_direct(tmp_path / "aisle.parquet", tmp_path / "department.parquet")
+    assert compared["rows"] == 3  # products 2, 3, 4
+    assert compared["implied_accuracy"] == pytest.approx(2 / 3, abs=1e-3)
+    assert compared["direct_accuracy"] == pytest.approx(2 / 3, abs=1e-3)
+    assert compared["implied_minus_direct"]["accuracy"]["difference"] == 0
 
 
 def test_synthetic_catalog_prelabels_all_but_the_new_fraction(data_dir, tmp_path):
