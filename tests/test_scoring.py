@@ -93,7 +93,7 @@ def test_trie_scorer_equals_the_full_scorer(base_model, tokenizer, labels):
 @pytest.mark.parametrize("labels, temperature, tolerance", [
     (embedded_aisles(), 1.0, 0.05), (embedded_aisles(), 3.0, 0.999), (TAXONOMY, 1.0, 0.05), (TAXONOMY, 1.0, 0.999)],
     ids=["aisles-mass-0.05", "aisles-top-label-only", "shared-prefixes-mass-0.05", "shared-prefixes-top-label-only"])
-@pytest.mark.parametrize("nodes_per_label", [1, 3], ids=["a-node-a-round", "three-nodes-a-round"])
+@pytest.mark.parametrize("nodes_per_label", [1, None], ids=["a-node-a-round", "whole-paths-a-round"])
 def test_trie_search_keeps_the_exact_top_label_and_probabilities_within_its_tolerance(base_model, tokenizer, labels,
                                                                                       temperature, tolerance,
                                                                                       nodes_per_label):
@@ -101,7 +101,7 @@ def test_trie_search_keeps_the_exact_top_label_and_probabilities_within_its_tole
     top label, exact scores for what it scored, every probability (and so every department's
     sum) within the tolerance, and skip labels to do so. The shared-prefix taxonomy's paths of up
     to eight nodes are taken a node at a time from their ancestors' kept keys and values, or
-    three at a time, a node then seeing ancestors from the same pass too."""
+    whole (the default), a node then seeing ancestors from the same pass too."""
     prompts, _ = scoring.encode_prompts(tokenizer, NAMES)
     exact = scoring.trie_log_likelihoods(base_model, tokenizer, prompts, labels, batch_size=8, progress=False)
     offsets = 4 * torch.randn(len(NAMES), len(labels), generator=torch.Generator().manual_seed(0))  # lexical votes
