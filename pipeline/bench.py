@@ -403,7 +403,8 @@ def bench_quality(run: Path, rescore: bool = True, against: Path | None = None) 
               "machine": machine(), "train_steps": metrics.get("train_steps"),
               "calibrate_seconds": round(calibrate_s, 1) if rescore else None,
               "calibration": {k: calibration[k] for k in ("blend", "temperature", "validation", "n_validation")},
-              "validation": summary(metrics["validation"]), "test": summary(metrics["test"])}
+              "validation": summary(metrics["validation"]) if "validation" in metrics else None,  # calibration's own
+              "test": summary(metrics["test"])}
     if against is not None:
         result["department_against_run"] = {"run": str(against), **implied_against_direct(
             run / "predictions_test.parquet", against / "predictions_test.parquet")}
