@@ -381,16 +381,17 @@ def bench_quality(run: Path, rescore: bool = True, against: Path | None = None) 
     from pipeline.predict import run_recipe
 
     recipe = run_recipe(run)
-    start = time.perf_counter()
+    calibrate_s = None
     if rescore:
+        start = time.perf_counter()
         calibration = calibrate.fit(run, recipe, progress=False)
+        calibrate_s = round(time.perf_counter() - start, 1)
         data_dir = Path(recipe.data.dir)
         for split in ("validation", "test"):
             metrics = evaluate(run, data_dir / f"{split}.parquet", recipe, progress=False)
     else:
         calibration = json.loads((run / "calibration.json").read_text())
         metrics = json.loads((run / "metrics.json").read_text())
-    calibrate_s = time.perf_counter() - start
 
     def summary(block: dict[str, Any]) -> dict[str, Any]:
         keep = ("predictor", "accuracy", "macro_f1", "n_eval", "adapter", "baseline", "calibration",
@@ -401,7 +402,7 @@ def bench_quality(run: Path, rescore: bool = True, against: Path | None = None) 
 
     result = {"benchmark": "quality", "command": command_line(), "run": str(run), "config": recipe.to_dict(),
               "machine": machine(), "train_steps": metrics.get("train_steps"),
-              "calibrate_seconds": round(calibrate_s, 1) if rescore else None,
+              "calibrate_seconds": calibrate_s,
               "calibration": {k: calibration[k] for k in ("blend", "temperature", "validation", "n_validation")},
               "validation": summary(metrics["validation"]) if "validation" in metrics else None,  # calibration's own
               "test": summary(metrics["test"])}
