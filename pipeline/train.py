@@ -59,18 +59,33 @@ class CheckpointAndStop(TrainerCallback):
     submitit asks for before the time limit: Slurm sends it to every process of the job), or by
     the file RUN_DIR/STOP, which reaches the process through accelerate or a container on any
     node. RUN_DIR/STOP is removed once the checkpoint is written.
+
+    The handlers hold until training ends (:meth:`restore_signals`). After it, nothing would act
+    on the request: a SIGTERM during the evaluation that follows was logged and ignored until
+    Slurm's SIGKILL. With the previous handlers back it ends the process, and the requeued run
+    finds its final checkpoint and goes straight to the evaluation.
     """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self, stop_file: Path) -> None:
         self.stop_file = stop_file
         self.requested = False
         self.trainer = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, self._on_signal)
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
+
+    def restore_signals(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         log.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
         self.requested = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore_signals()
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested or self.stop_file.exists():
@@ -298,6 +313,7 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
         log.info("%s already reached the final step: saving and evaluating it", last)
         set_peft_model_state_dict(trainer.model, load_file(Path(last) / "adapter_model.safetensors"))
         trainer.state = finished
+        stopper.restore_signals()
         result = TrainOutput(trainer.state.global_step, 0.0, {})
     else:
         if last:

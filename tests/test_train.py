@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from trl import SFTTrainer
 from pipeline.config import Recipe, load_recipe
 from pipeline.data import to_prompt_completion
 from pipeline.model import cpu_has_native_bf16, resolve_compute_dtype
-from pipeline.train import sft_config, train
+from pipeline.train import CheckpointAndStop, sft_config, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,7 +148,9 @@ def test_run_directory_matches_the_contract(tiny_run):
 def test_rerun_resumes_from_the_last_checkpoint(tiny_run):
     run, recipe, _ = tiny_run
     recipe.train.max_steps = 6
+    handlers = [signal.getsignal(sig) for sig in CheckpointAndStop.SIGNALS]
     metrics = train(recipe, run, evaluate_after=False)
+    assert [signal.getsignal(sig) for sig in CheckpointAndStop.SIGNALS] == handlers  # none left behind
     assert metrics["resumed_from"].endswith("checkpoint-4")
     assert metrics["train_steps"] == 6
     steps = [h["step"] for h in json.loads((run / "train_log.json").read_text()) if "loss" in h]
@@ -159,7 +162,9 @@ def test_rerun_of_a_finished_run_trains_no_further(tiny_run):
     run, recipe, _ = tiny_run
     recipe.train.max_steps = 6
     before = (run / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors").read_bytes()
+    handlers = [signal.getsignal(sig) for sig in CheckpointAndStop.SIGNALS]
     metrics = train(recipe, run, evaluate_after=False)
+    assert [signal.getsignal(sig) for sig in CheckpointAndStop.SIGNALS] == handlers
     assert metrics["train_steps"] == 6 and metrics["resumed_from"].endswith("checkpoint-6")
     assert [h["step"] for h in json.loads((run / "train_log.json").read_text()) if "loss" in h] == list(range(1, 7))
     assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
@@ -169,6 +174,22 @@ def test_rerun_of_a_finished_run_trains_no_further(tiny_run):
             weight = saved.get_tensor(key)
             assert weight.equal(checkpoint.get_tensor(key).to(weight.dtype)), key
     assert (run / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_a_signal_asks_for_a_checkpoint_during_training_only(tmp_path):
+    """Once training has ended nothing would act on the request, so SIGTERM must reach the
+    handler that was there before (by default: end the process, for Slurm to requeue)."""
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        stopper = CheckpointAndStop(tmp_path / "STOP")
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stopper.requested and seen == []
+        stopper.on_train_end(None, None, None)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_rerun_with_another_recipe_is_refused(tiny_run):
