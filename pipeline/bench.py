@@ -167,6 +167,7 @@ LEVERS: dict[str, list[str]] = {
     "float32+compiled": ["eval.dtype=float32", "eval.compile=true"],
     "int8-dynamic": ["eval.dtype=float32", "eval.compile=false"],  # then quantize_linear_layers
     "bfloat16": ["eval.dtype=bfloat16", "eval.compile=false"],
+    "bfloat16+compiled": ["eval.dtype=bfloat16", "eval.compile=true"],
 }
 """The inference paths the labeler benchmark compares, as recipe overrides (``eval.*``)."""
 

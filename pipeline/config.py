@@ -128,11 +128,13 @@ class EvalConfig:
     0 scores every label; smaller costs more (results/README.md, "The trie search"). Calibration
     and ``evaluate`` always score every label."""
     dtype: str = "auto"
-    """Inference dtype: ``auto`` is bf16 on CUDA, fp32 on CPU (``pipeline.model.inference_path``)."""
+    """Inference dtype: ``auto`` is bf16 on CUDA and on CPUs with AMX or AVX512-BF16, fp32 on other
+    CPUs (``pipeline.model.inference_path``)."""
     compile: bool = False
     """``torch.compile`` the model's decoder for scoring: no faster than eager on an AVX2 CPU
-    (-7% and +1% in two runs, after a 2.5-minute compile), so off; measure yours with
-    ``python -m pipeline.bench label --levers float32+compiled``."""
+    (-7% and +1% in two runs, after a 2.5-minute compile) nor in bf16 on an AVX512-BF16 one (-4%,
+    after 1.5 minutes), so off; measure yours with ``python -m pipeline.bench label --levers
+    float32+compiled bfloat16+compiled``."""
     baseline: bool = True
     """Report the TF-IDF + linear SVM baseline (``pipeline.baseline``) fitted on the same split."""
     blend: bool = True

@@ -112,7 +112,7 @@ def train_device() -> str:
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """A dtype by name; ``auto`` is bf16 on CUDA and fp32 on CPU (see :func:`inference_path`)."""
+    """A dtype by name; ``auto`` is bf16 on CUDA and fp32 on CPU (inference: :func:`inference_path`)."""
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
@@ -189,16 +189,20 @@ class InferencePath:
         return str(self.dtype).removeprefix("torch.") + ("+compiled" if self.compiled else "")
 
 
-def inference_path(dtype: str, compile: bool, device: str) -> InferencePath:
-    """The path ``eval.dtype`` and ``eval.compile`` give on ``device``: the one place that decides it.
+def inference_path(dtype: str, compile: bool, device: str, flags: set[str] | None = None) -> InferencePath:
+    """The path ``eval.dtype`` and ``eval.compile`` give on ``device`` (and a CPU with these
+    ``flags``, this one's by default): the one place that decides it.
 
-    ``auto`` is bf16 on CUDA and fp32 eager on CPU, the fastest path measured there at equal
-    accuracy (``python -m pipeline.bench label``): whole-model bf16 ran 3x slower than fp32 where
-    bf16 is emulated and 7x slower even on an AMX CPU, int8 dynamic quantization was 1.3-1.5x
-    faster but cost the adapter 28 points of accuracy, and the compiled path was no faster than
-    eager (-7% and +1% in two runs) once the first-token scorer projected only the labels'
-    tokens (results/README.md).
+    ``auto`` is bf16 on CUDA and on CPUs that multiply bf16 in hardware (AMX, AVX512-BF16), fp32
+    eager on other CPUs: the fastest path measured on each kind at equal accuracy
+    (``python -m pipeline.bench label``, results/README.md). Where bf16 is native it labeled 1.7x
+    as fast as fp32 with the same shipped labels; where it is emulated it ran 6x slower. int8
+    dynamic quantization was faster still but cost the adapter 25-29 points of accuracy, and
+    compiling gained nothing over eager once the first-token scorer projected only the labels'
+    tokens.
     """
+    if dtype == "auto" and not device.startswith("cuda"):
+        return InferencePath(torch.bfloat16 if cpu_has_native_bf16(flags) else torch.float32, compile)
     return InferencePath(resolve_dtype(dtype, device), compile)
 
 

@@ -22,6 +22,7 @@ from pipeline.label import (
     parse_shard,
     plan,
 )
+from pipeline.model import cpu_has_native_bf16
 from pipeline.predict import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +85,8 @@ def test_labels_every_row_keeping_inputs_intact(adapter_run, labeler, catalog, t
         assert entry["output_sha256"] == sha256_file(out / name)
         assert entry["adapter_sha256"].startswith(labeler.labeled_by.split("@")[1])
         assert entry["labels"] == labels and entry["base_model"] == "embedded:smollm2-135m"
-        assert entry["inference_path"] == "float32"  # the path that labeled the file: fp32 eager on CPU
+        # the path that labeled the file: eager, bf16 where this CPU multiplies it natively
+        assert entry["inference_path"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
     odd = pq.read_table(out / "c.parquet").to_pandas()
     assert odd["label_status"].tolist() == ["empty_name"] * 3 + ["ok"] * 4 + ["truncated"] + ["ok"] * 3
     assert odd.loc[:2, "department"].isna().all() and odd.loc[3:, "department"].notna().all()

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import ModelError
+from pipeline.model import cpu_has_native_bf16
 from pipeline.predict import Predictor, run_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,9 +36,11 @@ def test_evaluate_label_and_bench_agree_on_200_validation_products(adapter_run, 
     labeled = pd.read_parquet(tmp_path / "labeled" / "catalog.parquet")
     assert len(evaluated) == 200 and labeled["department"].tolist() == evaluated["predicted"].tolist()
     assert labeled["department_confidence"].to_numpy() == pytest.approx(evaluated["confidence"].to_numpy(), abs=1e-5)
-    bench = bench_label(run, data_dir, 200, 0, batch_size=32, levers=[], emulated_n=0, batch_sizes=[], threads=[])
-    assert [p["inference_path"] for p in bench["paths"]] == ["float32"]
-    assert bench["paths"][0]["accuracy"] == round(metrics["validation"]["accuracy"], 4)
+    bench = bench_label(run, data_dir, 200, 0, batch_size=32, levers=["auto"], emulated_n=0, batch_sizes=[],
+                        threads=[])
+    auto = Predictor.from_run(run).path.name
+    assert [p["inference_path"] for p in bench["paths"]] == ["float32", auto]
+    assert bench["paths"][1]["accuracy"] == round(metrics["validation"]["accuracy"], 4)
 
 
 def test_a_promoted_link_is_a_run_directory(adapter_run, tmp_path):
@@ -47,7 +50,8 @@ def test_a_promoted_link_is_a_run_directory(adapter_run, tmp_path):
     predictor = Predictor.from_run(tmp_path / "promoted")
     assert predictor.run_dir == adapter_run.resolve()
     assert predictor.predict(["Bread Rolls", ""]).statuses == ["ok", "empty_name"]
-    assert predictor.describe()["scorer"] == "first_token" and predictor.describe()["dtype"] == "float32"
+    assert predictor.describe()["scorer"] == "first_token"
+    assert predictor.describe()["dtype"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
 
 
 def test_a_folder_without_a_recipe_is_not_a_run(tmp_path):
@@ -68,15 +72,21 @@ def test_the_driver_and_launcher_start_without_the_ml_stack():
     assert not imported & set(HEAVY_MODULES)
 
 
-def test_the_inference_path_is_fp32_eager_on_cpu_and_bf16_on_cuda_unless_asked():
+def test_auto_infers_in_bf16_only_where_the_hardware_multiplies_it():
     import torch
 
     from pipeline.config import load_recipe
     from pipeline.errors import ConfigError
     from pipeline.model import InferencePath, inference_path
 
-    assert inference_path("auto", False, "cpu") == InferencePath(torch.float32, compiled=False)
-    assert inference_path("auto", False, "cuda:0").name == "bfloat16"
+    avx2 = {"fpu", "sse2", "avx", "avx2", "fma"}
+    avx512 = avx2 | {"avx512f", "avx512bw", "avx512_vnni"}
+    assert inference_path("auto", False, "cpu", avx2) == InferencePath(torch.float32, compiled=False)
+    assert inference_path("auto", False, "cpu", avx512).name == "float32"  # bf16 emulated: 6x slower
+    assert inference_path("auto", False, "cpu", avx512 | {"avx512_bf16"}).name == "bfloat16"
+    assert inference_path("auto", False, "cpu", avx512 | {"avx512_bf16", "amx_bf16", "amx_tile"}).name == "bfloat16"
+    assert inference_path("auto", False, "cuda:0", avx2).name == "bfloat16"
+    assert inference_path("float32", False, "cpu", avx512 | {"avx512_bf16"}).name == "float32"  # asked for
     assert inference_path("float32", True, "cpu").name == "float32+compiled"
     with pytest.raises(ConfigError, match="eval.compile"):  # the recipe loader types it
         load_recipe(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml", ["eval.compile=sometimes"])
