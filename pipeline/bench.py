@@ -223,9 +223,11 @@ def held_out_products(data: Path, n: int) -> pd.DataFrame:
 
 
 def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: int, levers: list[str],
-                emulated_n: int, batch_sizes: list[int], threads: list[int]) -> dict[str, Any]:
-    """The tutorial's free generation against the predictor on each inference path, same products,
-    one process; then batch size and threads on the default path."""
+                emulated_n: int, batch_sizes: list[int], threads: list[int],
+                tutorial_lever: str = "float32") -> dict[str, Any]:
+    """The tutorial's free generation (on the model of ``tutorial_lever``) against the predictor on
+    each inference path, same products, one process; then batch size and threads on the default
+    path."""
     import gc
 
     import transformers
@@ -234,6 +236,8 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
     from pipeline.model import cpu_has_native_bf16
     from pipeline.predict import run_recipe
 
+    if tutorial_n and tutorial_lever not in ("float32", *levers):
+        raise SystemExit(f"--tutorial-on {tutorial_lever}: not a measured path (float32, {', '.join(levers)})")
     held_out = held_out_products(data, n)
     names, truth = held_out["product_name"].tolist(), held_out["department"].tolist()
     start_peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
@@ -281,7 +285,7 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
         paths.append(record)
         if lever == "auto":
             default_path = predictor
-        if lever == "float32" and tutorial_n:
+        if lever == tutorial_lever and tutorial_n:
             generator = transformers.pipeline("text-generation", model=predictor.model, tokenizer=predictor.tokenizer)
             torch.manual_seed(0)
             answers = []
@@ -294,7 +298,7 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
             tutorial_s = time.perf_counter() - start
             tutorial = {"products": tutorial_n, "seconds": round(tutorial_s, 1),
                         "products_per_s": round(tutorial_n / tutorial_s, 2),
-                        "accuracy": accuracy(answers, tutorial_n),
+                        "accuracy": accuracy(answers, tutorial_n), "inference_path": predictor.path.name,
                         "unparseable": sum(a is None for a in answers)}
         if predictor is not default_path:
             del predictor
@@ -634,8 +638,10 @@ def bench_label_memory_one(adapter: Path, catalog: Path, out: Path, only_missing
     start = time.perf_counter()
     outcomes = label_catalogs(adapter, [str(catalog)], out, only_missing=only_missing, progress=False)
     seconds = time.perf_counter() - start
+    manifests = [json.loads(m.read_text()) for m in sorted((out / "_manifest").glob("*.json"))]
     return {"rows": sum(o.rows for o in outcomes), "seconds": round(seconds, 1),
             "status": [o.status for o in outcomes],
+            "inference_paths": sorted({m.get("inference_path") for m in manifests} - {None}),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
@@ -961,6 +967,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default="data/instacart")
     p.add_argument("--products", type=int, default=2000)
     p.add_argument("--tutorial-products", type=int, default=300)
+    p.add_argument("--tutorial-on", default="float32", help="the inference path the tutorial's generation runs on")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--levers", nargs="*", default=["auto", "float32+compiled", "int8-dynamic", "bfloat16"],
                    help=f"inference paths besides float32: auto (what eval.* resolves to here), {', '.join(LEVERS)}")
@@ -1060,7 +1067,8 @@ def main(argv: list[str] | None = None) -> None:
             Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
     elif args.command == "label":
         result = bench_label(Path(args.adapter), Path(args.data), args.products, args.tutorial_products,
-                             args.batch_size, args.levers, args.emulated_products, args.batch_sizes, args.threads)
+                             args.batch_size, args.levers, args.emulated_products, args.batch_sizes, args.threads,
+                             args.tutorial_on)
     elif args.command == "label-processes":
         result = bench_label_processes(Path(args.adapter), Path(args.data), args.rows, args.layouts)
     elif args.command == "profile":
