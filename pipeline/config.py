@@ -128,8 +128,8 @@ class EvalConfig:
     0 scores every label; smaller costs more (results/README.md, "The trie search"). Calibration
     and ``evaluate`` always score every label."""
     dtype: str = "auto"
-    """Inference dtype: ``auto`` is bf16 on CUDA and on CPUs with AMX or AVX512-BF16, fp32 on other
-    CPUs (``pipeline.model.inference_path``)."""
+    """Inference dtype: ``auto`` is bf16 on CUDA, and on CPUs with AMX or AVX512-BF16 for the
+    first-token scorer; fp32 on other CPUs and for the trie scorers (``pipeline.model.inference_path``)."""
     compile: bool = False
     """``torch.compile`` the model's decoder for scoring: no faster than eager on an AVX2 CPU
     (-7% and +1% in two runs, after a 2.5-minute compile) nor in bf16 on an AVX512-BF16 one (-4%,

@@ -189,20 +189,23 @@ class InferencePath:
         return str(self.dtype).removeprefix("torch.") + ("+compiled" if self.compiled else "")
 
 
-def inference_path(dtype: str, compile: bool, device: str, flags: set[str] | None = None) -> InferencePath:
+def inference_path(dtype: str, compile: bool, device: str, flags: set[str] | None = None,
+                   scorer: str = "first_token") -> InferencePath:
     """The path ``eval.dtype`` and ``eval.compile`` give on ``device`` (and a CPU with these
-    ``flags``, this one's by default): the one place that decides it.
+    ``flags``, this one's by default) for a run scored by ``scorer``: the one place that decides it.
 
-    ``auto`` is bf16 on CUDA and on CPUs that multiply bf16 in hardware (AMX, AVX512-BF16), fp32
-    eager on other CPUs: the fastest path measured on each kind at equal accuracy
-    (``python -m pipeline.bench label``, results/README.md). Where bf16 is native it labeled 1.7x
-    as fast as fp32 with the same shipped labels; where it is emulated it ran 6x slower. int8
-    dynamic quantization was faster still but cost the adapter 25-29 points of accuracy, and
-    compiling gained nothing over eager once the first-token scorer projected only the labels'
-    tokens.
+    ``auto`` is bf16 on CUDA, and on CPUs that multiply bf16 in hardware (AMX, AVX512-BF16) for
+    the first-token scorer; fp32 eager elsewhere. Those are the fastest paths measured on each
+    kind at equal accuracy (``python -m pipeline.bench label``, results/README.md): where bf16 is
+    native, first-token labeling ran 1.7x as fast as fp32 with the same shipped labels; where it
+    is emulated, 6x slower. The trie scorers stay fp32 on CPU: their contract (the search's top
+    label is the exact scorer's, the trie equals the full scorer to 1e-4) holds in fp32, and in
+    bf16 the search's top label differed from the exact one on 0.5-10% of products. int8 dynamic
+    quantization cost the adapter 25-29 points of accuracy, and compiling gained nothing.
     """
     if dtype == "auto" and not device.startswith("cuda"):
-        return InferencePath(torch.bfloat16 if cpu_has_native_bf16(flags) else torch.float32, compile)
+        native = cpu_has_native_bf16(flags) and scorer == "first_token"
+        return InferencePath(torch.bfloat16 if native else torch.float32, compile)
     return InferencePath(resolve_dtype(dtype, device), compile)
 
 
@@ -269,6 +272,14 @@ def peft_lora_config(cfg: LoraConfig):
     )
 
 
+def run_tokenizer(run_dir: str | Path, model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer a run was trained with: saved beside its adapter, else the base model's."""
+    adapter = Path(run_dir) / "adapter"
+    if (adapter / "tokenizer_config.json").is_file():
+        return load_tokenizer(str(adapter), model_cfg)
+    return load_tokenizer(resolve_base_model(model_cfg.base_model), model_cfg)
+
+
 def load_for_inference(run_dir: str | Path, model_cfg: ModelConfig, device: str, path: InferencePath):
     """Base model on ``path`` (its dtype, compiled or not) with the run's adapter merged into its
     weights, plus tokenizer.
@@ -287,7 +298,7 @@ def load_for_inference(run_dir: str | Path, model_cfg: ModelConfig, device: str,
     if not (adapter / "adapter_config.json").is_file():
         raise ModelError(f"{adapter}: no adapter_config.json (is {run_dir} a finished run directory?)")
     base = resolve_base_model(model_cfg.base_model)
-    tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else base, model_cfg)
+    tokenizer = run_tokenizer(run_dir, model_cfg)
     if model_cfg.quantization == "none":
         model = load_base_model(base, model_cfg, device, quantize=False, dtype=path.dtype)
     else:

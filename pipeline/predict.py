@@ -23,7 +23,7 @@ from pipeline import calibrate, scoring
 from pipeline.config import Recipe, load_recipe
 from pipeline.data import read_labels, read_taxonomy
 from pipeline.errors import ConfigError, ModelError
-from pipeline.model import InferencePath, inference_path, load_for_inference, train_device
+from pipeline.model import InferencePath, inference_path, load_for_inference, run_tokenizer, train_device
 
 
 def run_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -133,14 +133,15 @@ class Predictor:
         identity = run_identity(run_dir)
         labels = read_labels(run / "labels.json")
         device = train_device()
-        path = inference_path(recipe.eval.dtype, recipe.eval.compile, device)
+        scorer = scoring.choose_scorer(recipe.eval.scorer, run_tokenizer(run, recipe.model), labels)
+        path = inference_path(recipe.eval.dtype, recipe.eval.compile, device, scorer=scorer)
         model, tokenizer = merged_model(run, recipe, device, path, str(identity["adapter_sha256"]))
         tree = read_taxonomy(run / "taxonomy.json")
         level = recipe.data.label_level
         parent = tree["parent"][level] if tree and level != "department" else None
         return cls(run_dir=run, recipe=recipe, model=model, tokenizer=tokenizer, labels=labels, level=level,
                    parent=parent,
-                   scorer=scoring.choose_scorer(recipe.eval.scorer, tokenizer, labels),
+                   scorer=scorer,
                    max_prompt_tokens=recipe.train.max_length, batch_size=batch_size or recipe.eval.batch_size,
                    device=device, path=path, identity=identity,
                    calibration=calibrate.load(run, labels) if calibrated else None)

@@ -150,6 +150,8 @@ def head_logits(model, hidden: torch.Tensor, token_ids: torch.Tensor | None = No
     if type(head) is torch.nn.Linear:
         weight = head.weight if token_ids is None else head.weight[token_ids]
         bias = None if head.bias is None else (head.bias if token_ids is None else head.bias[token_ids])
+        if token_ids is not None:  # a few rows: in fp32, so that bf16 rounding makes no ties among labels
+            hidden, weight, bias = hidden.float(), weight.float(), None if bias is None else bias.float()
         logits = torch.nn.functional.linear(hidden, weight, bias)
     else:  # e.g. an LM head with its own adapter, during training: its forward adds the adapter's part
         logits = head(hidden) if token_ids is None else head(hidden)[..., token_ids]

@@ -19,6 +19,9 @@ HEAVY_MODULES = ("torch", "transformers", "trl", "peft", "datasets")
 
 
 def test_evaluate_label_and_bench_agree_on_200_validation_products(adapter_run, data_dir, tmp_path):
+    """On the fp32 path, whatever `auto` is here: in bf16 (`auto` on a CPU with native bf16) a
+    near-tie's label can depend on which names share its batch, and evaluation, the labeler's
+    record batches and the benchmark batch names differently (results/README.md)."""
     import shutil
 
     from pipeline.bench import bench_label
@@ -27,20 +30,21 @@ def test_evaluate_label_and_bench_agree_on_200_validation_products(adapter_run, 
 
     run = tmp_path / "run"
     shutil.copytree(adapter_run, run)
-    metrics = evaluate(run, data_dir / "validation.parquet", run_recipe(run, ["eval.max_samples=200"]), progress=False)
+    fp32 = ["eval.dtype=float32"]
+    metrics = evaluate(run, data_dir / "validation.parquet", run_recipe(run, ["eval.max_samples=200", *fp32]),
+                       progress=False)
     evaluated = pd.read_parquet(run / "predictions_validation.parquet")
     catalog = tmp_path / "catalog.parquet"
     pq.write_table(pa.table({"product_id": evaluated["product_id"], "product_name": evaluated["product_name"]}),
                    catalog)
-    label_catalogs(run, [str(catalog)], tmp_path / "labeled", rows_per_batch=50, batch_size=16, progress=False)
+    label_catalogs(run, [str(catalog)], tmp_path / "labeled", rows_per_batch=50, batch_size=16, progress=False,
+                   overrides=fp32)
     labeled = pd.read_parquet(tmp_path / "labeled" / "catalog.parquet")
     assert len(evaluated) == 200 and labeled["department"].tolist() == evaluated["predicted"].tolist()
     assert labeled["department_confidence"].to_numpy() == pytest.approx(evaluated["confidence"].to_numpy(), abs=1e-5)
-    bench = bench_label(run, data_dir, 200, 0, batch_size=32, levers=["auto"], emulated_n=0, batch_sizes=[],
-                        threads=[])
-    auto = Predictor.from_run(run).path.name
-    assert [p["inference_path"] for p in bench["paths"]] == ["float32", auto]
-    assert bench["paths"][1]["accuracy"] == round(metrics["validation"]["accuracy"], 4)
+    bench = bench_label(run, data_dir, 200, 0, batch_size=32, levers=[], emulated_n=0, batch_sizes=[], threads=[])
+    assert [p["inference_path"] for p in bench["paths"]] == ["float32"]
+    assert bench["paths"][0]["accuracy"] == round(metrics["validation"]["accuracy"], 4)
 
 
 def test_a_promoted_link_is_a_run_directory(adapter_run, tmp_path):
@@ -85,6 +89,7 @@ def test_auto_infers_in_bf16_only_where_the_hardware_multiplies_it():
     assert inference_path("auto", False, "cpu", avx512).name == "float32"  # bf16 emulated: 6x slower
     assert inference_path("auto", False, "cpu", avx512 | {"avx512_bf16"}).name == "bfloat16"
     assert inference_path("auto", False, "cpu", avx512 | {"avx512_bf16", "amx_bf16", "amx_tile"}).name == "bfloat16"
+    assert inference_path("auto", False, "cpu", avx512 | {"avx512_bf16"}, scorer="trie").name == "float32"  # exact
     assert inference_path("auto", False, "cuda:0", avx2).name == "bfloat16"
     assert inference_path("float32", False, "cpu", avx512 | {"avx512_bf16"}).name == "float32"  # asked for
     assert inference_path("float32", True, "cpu").name == "float32+compiled"
