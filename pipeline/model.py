@@ -280,9 +280,10 @@ def run_tokenizer(run_dir: str | Path, model_cfg: ModelConfig) -> PreTrainedToke
     return load_tokenizer(resolve_base_model(model_cfg.base_model), model_cfg)
 
 
-def load_for_inference(run_dir: str | Path, model_cfg: ModelConfig, device: str, path: InferencePath):
+def load_for_inference(run_dir: str | Path, model_cfg: ModelConfig, device: str, path: InferencePath,
+                       tokenizer: PreTrainedTokenizerBase | None = None):
     """Base model on ``path`` (its dtype, compiled or not) with the run's adapter merged into its
-    weights, plus tokenizer.
+    weights, plus tokenizer (:func:`run_tokenizer`'s, unless the caller already loaded it).
 
     The only place that merges an adapter for inference; ``pipeline.predict.Predictor`` calls it.
 
@@ -298,7 +299,7 @@ def load_for_inference(run_dir: str | Path, model_cfg: ModelConfig, device: str,
     if not (adapter / "adapter_config.json").is_file():
         raise ModelError(f"{adapter}: no adapter_config.json (is {run_dir} a finished run directory?)")
     base = resolve_base_model(model_cfg.base_model)
-    tokenizer = run_tokenizer(run_dir, model_cfg)
+    tokenizer = tokenizer or run_tokenizer(run_dir, model_cfg)
     if model_cfg.quantization == "none":
         model = load_base_model(base, model_cfg, device, quantize=False, dtype=path.dtype)
     else:

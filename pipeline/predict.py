@@ -61,7 +61,8 @@ def run_identity(run_dir: str | Path) -> dict[str, str | None]:
 _merged: dict[tuple, tuple[Any, PreTrainedTokenizerBase]] = {}
 
 
-def merged_model(run: Path, recipe: Recipe, device: str, path: InferencePath, adapter_sha256: str):
+def merged_model(run: Path, recipe: Recipe, device: str, path: InferencePath, adapter_sha256: str,
+                 tokenizer: PreTrainedTokenizerBase | None = None):
     """:func:`pipeline.model.load_for_inference`, kept for the last run loaded in this process.
 
     ``train`` calibrates and then evaluates each split, each through a Predictor of the same
@@ -73,7 +74,7 @@ def merged_model(run: Path, recipe: Recipe, device: str, path: InferencePath, ad
     key = (str(run), adapter_sha256, repr(recipe.model), device, path)
     if key not in _merged:
         _merged.clear()
-        _merged[key] = load_for_inference(run, recipe.model, device, path)
+        _merged[key] = load_for_inference(run, recipe.model, device, path, tokenizer)
     return _merged[key]
 
 
@@ -133,9 +134,10 @@ class Predictor:
         identity = run_identity(run_dir)
         labels = read_labels(run / "labels.json")
         device = train_device()
-        scorer = scoring.choose_scorer(recipe.eval.scorer, run_tokenizer(run, recipe.model), labels)
+        tokenizer = run_tokenizer(run, recipe.model)  # the scorer, and with it the path, depend on it
+        scorer = scoring.choose_scorer(recipe.eval.scorer, tokenizer, labels)
         path = inference_path(recipe.eval.dtype, recipe.eval.compile, device, scorer=scorer)
-        model, tokenizer = merged_model(run, recipe, device, path, str(identity["adapter_sha256"]))
+        model, _ = merged_model(run, recipe, device, path, str(identity["adapter_sha256"]), tokenizer)
         tree = read_taxonomy(run / "taxonomy.json")
         level = recipe.data.label_level
         parent = tree["parent"][level] if tree and level != "department" else None
