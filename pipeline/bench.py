@@ -464,8 +464,11 @@ def bench_scorers(adapter: Path, data: Path, n: int, full_n: int, batch_size: in
     aisle_labels = predictor.labels if aisle_level else sorted(aisles)
     taxonomy = synthetic_taxonomy(aisles, 1000)
     few = max(1, n // 10)
+    # The same aisles as a data.completion=distinct_first run writes them: one pass a product.
+    distinct = scoring.completion_texts(tokenizer, aisle_labels, "distinct_first")
     cases = [("departments", sorted(set(aisles.values())), "first_token", n), ("aisles", aisle_labels, "trie", n),
-             ("aisles", aisle_labels, "full", full_n), ("taxonomy-1000", taxonomy, "trie", few)]
+             ("aisles", aisle_labels, "full", full_n), ("aisles, distinct_first", distinct, "first_token", n),
+             ("taxonomy-1000", taxonomy, "trie", few)]
     scoring.label_log_probs(model, tokenizer, prompts[:batch_size], cases[0][1], "first_token",
                             batch_size, progress=False)  # warm-up
     results, exact = [], {}
@@ -519,7 +522,11 @@ def bench_scorers(adapter: Path, data: Path, n: int, full_n: int, batch_size: in
             "median_probability_mass": tails,  # what a tolerance must leave unscored, per label set
             "trie_aisles_vs_first_token_departments": round(rate["aisles", "trie"] / rate["departments",
                                                                                            "first_token"], 3),
-            "trie_vs_full_on_aisles": round(rate["aisles", "trie"] / rate["aisles", "full"], 2)}
+            "trie_vs_full_on_aisles": round(rate["aisles", "trie"] / rate["aisles", "full"], 2),
+            "distinct_first_aisles_vs_first_token_departments": round(
+                rate["aisles, distinct_first", "first_token"] / rate["departments", "first_token"], 3),
+            "distinct_first_vs_trie_on_aisles": round(
+                rate["aisles, distinct_first", "first_token"] / rate["aisles", "trie"], 1)}
 
 
 def bench_search_depth(adapter: Path, data: Path, n: int, batch_size: int, tolerances: list[float],
@@ -698,8 +705,8 @@ class AccuracyCurve(TrainerCallback):
     ``stop_at`` accuracy (a time-to-accuracy run need not train on past its answer)."""
 
     def __init__(self, names: list[str], truth: list[str], labels: list[str], every: int, budget_s: float | None,
-                 batch_size: int, stop_at: float | None = None) -> None:
-        self.names, self.truth, self.labels = names, truth, labels
+                 batch_size: int, stop_at: float | None = None, completion: str = "label") -> None:
+        self.names, self.truth, self.labels, self.completion = names, truth, labels, completion
         self.every, self.budget_s, self.batch_size, self.stop_at = every, budget_s, batch_size, stop_at
         self.step_seconds: list[float] = []
         self.points: list[dict[str, Any]] = []
@@ -736,7 +743,9 @@ class AccuracyCurve(TrainerCallback):
 
         start = time.perf_counter()
         with scoring_mode(model):
-            predicted = scoring.predict(model, tokenizer, self.names, self.labels, batch_size=self.batch_size).labels
+            texts = scoring.completion_texts(tokenizer, self.labels, self.completion)
+            predicted = scoring.predict(model, tokenizer, self.names, self.labels, batch_size=self.batch_size,
+                                        texts=texts).labels
         metrics = classification_metrics(self.truth, predicted, self.labels)
         return {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
                 "eval_seconds": round(time.perf_counter() - start, 1)}
@@ -767,7 +776,7 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
         curve_split, held_out = "test", read_split(data_dir / "test.parquet", labels, level)
     held_out = held_out.head(eval_samples)
     curve = AccuracyCurve(held_out["product_name"].tolist(), held_out[level].tolist(), labels, eval_every,
-                          minutes * 60 if minutes else None, recipe.eval.batch_size, stop_at)
+                          minutes * 60 if minutes else None, recipe.eval.batch_size, stop_at, recipe.data.completion)
     started = time.time()
     metrics = train(recipe, run, evaluate_after=final_eval, callbacks=[curve])
 

@@ -53,6 +53,12 @@ class DataConfig:
     label_level: str = "department"
     """What the model predicts: ``department``, or ``aisle`` where DATA_DIR has a taxonomy.json
     (the embedded catalog's 134 aisles); an aisle-level run labels both levels."""
+    completion: str = "label"
+    """What the model writes for a label: ``label`` (the label itself), or ``distinct_first``
+    (each label written from a word whose first token no other label's text starts with, e.g.
+    ``"fruits, fresh"``: the label set is then scored in one forward pass a product, however many
+    labels share a leading word; ``pipeline.scoring.completion_texts``). Outputs always carry the
+    labels themselves."""
 
 
 @dataclass

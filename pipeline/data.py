@@ -56,10 +56,14 @@ def format_completion(department: str) -> str:
     return " " + department
 
 
-def to_prompt_completion(frame: pd.DataFrame, level: str = "department") -> dict[str, list[str]]:
+def to_prompt_completion(frame: pd.DataFrame, level: str = "department",
+                         texts: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Training pairs; ``texts`` maps a label to what the model writes for it, where that is not
+    the label itself (``data.completion``)."""
+    texts = texts or {}
     return {
         "prompt": [format_prompt(n) for n in frame["product_name"]],
-        "completion": [format_completion(d) for d in frame[level]],
+        "completion": [format_completion(texts.get(d, d)) for d in frame[level]],
     }
 
 

@@ -108,6 +108,9 @@ class Predictor:
     model: Any
     tokenizer: PreTrainedTokenizerBase
     labels: list[str]
+    texts: list[str]
+    """What the model writes for each label, in label order (``data.completion``): scored in
+    their place, so outputs carry the labels."""
     scorer: str
     """``first_token``, ``trie`` or ``full``, chosen once for the run's label set."""
     max_prompt_tokens: int
@@ -135,13 +138,15 @@ class Predictor:
         labels = read_labels(run / "labels.json")
         device = train_device()
         tokenizer = run_tokenizer(run, recipe.model)  # the scorer, and with it the path, depend on it
-        scorer = scoring.choose_scorer(recipe.eval.scorer, tokenizer, labels)
+        texts = scoring.completion_texts(tokenizer, labels, recipe.data.completion)
+        scorer = scoring.choose_scorer(recipe.eval.scorer, tokenizer, texts)
         path = inference_path(recipe.eval.dtype, recipe.eval.compile, device, scorer=scorer)
         model, _ = merged_model(run, recipe, device, path, str(identity["adapter_sha256"]), tokenizer)
         tree = read_taxonomy(run / "taxonomy.json")
         level = recipe.data.label_level
         parent = tree["parent"][level] if tree and level != "department" else None
-        return cls(run_dir=run, recipe=recipe, model=model, tokenizer=tokenizer, labels=labels, level=level,
+        return cls(run_dir=run, recipe=recipe, model=model, tokenizer=tokenizer, labels=labels, texts=texts,
+                   level=level,
                    parent=parent,
                    scorer=scorer,
                    max_prompt_tokens=recipe.train.max_length, batch_size=batch_size or recipe.eval.batch_size,
@@ -173,14 +178,14 @@ class Predictor:
         key = None
         if not prepared.calibrated:  # labeling batches (shipped) never build the key
             key = (self.identity.get("adapter_sha256"), str(self.run_dir), self.path, self.scorer,
-                   tuple(self.labels), self.max_prompt_tokens, tuple(prepared.names))
+                   tuple(self.labels), tuple(self.texts), self.max_prompt_tokens, tuple(prepared.names))
             model, kept = _adapter_scores.get(key, (None, None))
             if kept is not None and model() is self.model:
                 return kept
         start = time.perf_counter()
         search = self.search_space(prepared.offsets) if prepared.calibrated else None
         prediction = scoring.predict(self.model, self.tokenizer, prepared.encoded, self.labels, scorer=self.scorer,
-                                     batch_size=self.batch_size, progress=progress, search=search)
+                                     batch_size=self.batch_size, progress=progress, search=search, texts=self.texts)
         prediction.seconds = time.perf_counter() - start
         if key is not None:
             _adapter_scores.clear()
@@ -222,6 +227,7 @@ class Predictor:
     def describe(self) -> dict[str, Any]:
         """How this predictor scores, for manifests and benchmark records."""
         return {**self.identity, "base_model": self.recipe.model.base_model, "scorer": self.scorer,
+                "completion": self.recipe.data.completion,
                 "device": self.device, "dtype": str(self.path.dtype).removeprefix("torch."),
                 "inference_path": self.path.name,
                 "batch_size": self.batch_size, "max_prompt_tokens": self.max_prompt_tokens,

@@ -7,8 +7,9 @@ Free generation can answer anything ("Department - breakfast", or a paragraph); 
 label set always yields a valid label. Two scorers (chosen by :func:`choose_scorer`):
 
 - first-token: when every label's first completion token is distinct (the 21 Instacart
-  departments are), one forward pass per product and the logits at the last prompt position
-  decide; confidence is the softmax over the labels' first-token logits.
+  departments are; a run with ``data.completion: distinct_first`` writes any label set so,
+  :func:`completion_texts`), one forward pass per product and the logits at the last prompt
+  position decide; confidence is the softmax over the labels' first-token logits.
 - trie: the same exact log-likelihoods as the full scorer for label sets whose labels share
   leading tokens (aisles, taxonomy paths): one forward pass over the prompt, then one over
   the labels' token trie from the prompt's cached keys/values, with a tree attention mask so
@@ -82,6 +83,68 @@ def label_token_ids(tokenizer: PreTrainedTokenizerBase, labels: list[str], eos: 
 def first_tokens_distinct(tokenizer: PreTrainedTokenizerBase, labels: list[str]) -> bool:
     firsts = [ids[0] for ids in label_token_ids(tokenizer, labels, eos=False)]
     return len(set(firsts)) == len(firsts)
+
+
+COMPLETION_STYLES = ("label", "distinct_first")
+
+
+def completion_texts(tokenizer: PreTrainedTokenizerBase, labels: list[str], style: str = "label") -> list[str]:
+    """What the model is trained to write for each label (``data.completion``), in label order.
+
+    ``label``: the label itself. ``distinct_first``: each label written so that its first token
+    is its own, which makes any label set first-token scorable: one forward pass a product, where
+    the 134 aisles, which share leading words ("fresh fruits", "fresh herbs"), otherwise take the
+    trie scorer's hundreds of positions. A label whose first token is taken is written from
+    another of its words, inverted-heading style (``"fresh fruits"`` -> ``"fruits, fresh"``), or
+    from a word with its initial's case flipped where those are taken too (``"Counter, seafood"``).
+    Words are assigned by a maximum matching of labels to first tokens (shortest augmenting paths,
+    each label trying its own first word first: a set whose first tokens already differ is left as
+    it is), so the set fails only where no assignment exists, and the error names the labels left
+    over. Deterministic in (tokenizer, labels): training and inference compute the same texts.
+    """
+    if style not in COMPLETION_STYLES:
+        raise ConfigError(f"data.completion must be one of {', '.join(COMPLETION_STYLES)}, got {style!r}")
+    if style == "label":
+        return list(labels)
+    options: list[dict[int, str]] = []  # per label: first token -> the text that starts with it, preferred first
+    for label in labels:
+        words = label.split()
+        texts = []
+        for flip in (False, True):  # the words as written first, then with their initial's case flipped
+            for k, word in enumerate(words):
+                key = word[:1].swapcase() + word[1:] if flip else word
+                rest = " ".join(words[:k] + words[k + 1:])
+                texts.append(f"{key} {rest}".strip() if k == 0 else f"{key}, {rest}")
+        options.append({})
+        for ids, text in zip(label_token_ids(tokenizer, texts, eos=False), texts):
+            options[-1].setdefault(ids[0], text)
+    chosen: list[int | None] = [None] * len(labels)
+    owner: dict[int, int] = {}
+    for start in range(len(labels)):
+        reached_from: dict[int, int] = {}  # token -> the label whose option it is on the path
+        queue, free = [start], None
+        for label in queue:  # breadth first over alternating paths; the queue grows as it is read
+            for token in options[label]:
+                if token in reached_from:
+                    continue
+                reached_from[token] = label
+                if token not in owner:
+                    free = token
+                    break
+                queue.append(owner[token])
+            if free is not None:
+                break
+        token = free
+        while token is not None:  # flip the path back to `start`, whose old token is None
+            label = reached_from[token]
+            token, chosen[label] = chosen[label], token
+            owner[chosen[label]] = label
+    left = [label for label, token in zip(labels, chosen) if token is None]
+    if left:
+        named = ", ".join(map(repr, left[:10])) + (", ..." if len(left) > 10 else "")
+        raise ConfigError(f"data.completion=distinct_first: no first token of their own for {len(left)} of "
+                          f"{len(labels)} labels ({named}); use data.completion=label (the trie scorer)")
+    return [options[i][token] for i, token in enumerate(chosen)]
 
 
 def _batches(lengths: list[int], batch_size: int) -> Iterable[list[int]]:
@@ -629,22 +692,25 @@ def label_log_probs(model, tokenizer, prompts: list[list[int]], labels: list[str
 
 def predict(model, tokenizer, names: list[str | None] | Encoded, labels: list[str], *, scorer: str = "auto",
             batch_size: int = 64, max_prompt_tokens: int | None = None, progress: bool = False,
-            search: SearchSpace | None = None) -> Prediction:
+            search: SearchSpace | None = None, texts: list[str] | None = None) -> Prediction:
     """Score raw product names (or names already :func:`encode_names`'d) against the label set;
     empty names get no label. With ``search`` (offsets row for row with ``names``) the trie
-    scorer's labels come from :func:`trie_search_log_probs`, in that space."""
+    scorer's labels come from :func:`trie_search_log_probs`, in that space. ``texts`` are what
+    the model writes for each label (:func:`completion_texts`; the labels themselves by default):
+    they are scored, the labels are reported."""
     encoded = names if isinstance(names, Encoded) else encode_names(tokenizer, names, max_prompt_tokens)
+    written = texts or labels
     usable = encoded.usable
     log_probs = torch.full((encoded.size, len(labels)), float("nan"))
     predicted: list[str | None] = [None] * encoded.size
     confidences: list[float | None] = [None] * encoded.size
     statuses = ["empty_name"] * encoded.size
     if usable:
-        if search is not None and choose_scorer(scorer, tokenizer, labels) == "trie":
+        if search is not None and choose_scorer(scorer, tokenizer, written) == "trie":
             space = SearchSpace(search.offsets[usable], search.temperature, search.tolerance)
-            scored = trie_search_log_probs(model, tokenizer, encoded.prompts, labels, space, batch_size, progress)
+            scored = trie_search_log_probs(model, tokenizer, encoded.prompts, written, space, batch_size, progress)
         else:
-            scored = label_log_probs(model, tokenizer, encoded.prompts, labels, scorer, batch_size, progress)
+            scored = label_log_probs(model, tokenizer, encoded.prompts, written, scorer, batch_size, progress)
         log_probs[usable] = scored
         best = best_labels(labels, scored)
         for k, i in enumerate(usable):

