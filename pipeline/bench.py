@@ -239,6 +239,7 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
     if tutorial_n and tutorial_lever not in ("float32", *levers):
         raise SystemExit(f"--tutorial-on {tutorial_lever}: not a measured path (float32, {', '.join(levers)})")
     held_out = held_out_products(data, n)
+    n = len(held_out)  # the split may hold fewer: rates are over the products scored
     names, truth = held_out["product_name"].tolist(), held_out["department"].tolist()
     start_peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
 
@@ -457,6 +458,7 @@ def bench_scorers(adapter: Path, data: Path, n: int, full_n: int, batch_size: in
     departments = {str(k): v["en"] for k, v in raw["departments"].items()}
     aisles = {v["en"]: departments[str(v["department_id"])] for v in raw["aisles"].values()}
     names = held_out_products(data, n)["product_name"].tolist()
+    n = len(names)  # the split may hold fewer: rates are over the products scored
     predictor = Predictor.from_run(adapter, batch_size=batch_size)
     model, tokenizer = predictor.model, predictor.tokenizer
     prompts, _ = scoring.encode_prompts(tokenizer, names, predictor.max_prompt_tokens)
@@ -545,6 +547,7 @@ def bench_search_depth(adapter: Path, data: Path, n: int, batch_size: int, toler
     if predictor.scorer != "trie" or calibration is None:
         raise SystemExit(f"{adapter}: needs a calibrated run whose labels take the trie search (an aisle-level run)")
     names = held_out_products(data, n)["product_name"].tolist()
+    n = len(names)  # the split may hold fewer: rates are over the products scored
     prompts, _ = scoring.encode_prompts(tokenizer, names, predictor.max_prompt_tokens)
     departments = read_labels(data / "labels.json")
     space = {t: scoring.SearchSpace(calibration.offsets(names), calibration.temperature, t) for t in tolerances}
