@@ -98,7 +98,9 @@ def test_the_lexical_model_round_trips_through_the_run_directory(calibrated_run,
 
 def test_evaluate_and_label_ship_the_blend(calibrated_run, data_dir, tmp_path):
     run, result = calibrated_run
-    metrics = evaluate(run, data_dir / "test.parquet", run_recipe(run, ["eval.max_samples=120"]), progress=False)
+    fp32 = ["eval.dtype=float32"]  # evaluation and labeling batch rows differently: equal to 1e-5 in fp32
+    metrics = evaluate(run, data_dir / "test.parquet", run_recipe(run, ["eval.max_samples=120", *fp32]),
+                       progress=False)
     block = metrics["test"]
     assert block["predictor"] == "blend" and "adapter" in block and block["calibration"]["temperature"] > 0
     difference = block["versus_baseline"]["shipped"]["accuracy"]
@@ -109,7 +111,7 @@ def test_evaluate_and_label_ship_the_blend(calibrated_run, data_dir, tmp_path):
     catalog = tmp_path / "catalog.parquet"
     pq.write_table(pa.table({"product_id": predictions["product_id"], "product_name": predictions["product_name"]}),
                    catalog)
-    label_catalogs(run, [str(catalog)], tmp_path / "labeled", batch_size=32, progress=False)
+    label_catalogs(run, [str(catalog)], tmp_path / "labeled", batch_size=32, progress=False, overrides=fp32)
     labeled = pd.read_parquet(tmp_path / "labeled" / "catalog.parquet")
     identity = run_identity(run)
     assert "+lexical@" in identity["labeled_by"] and (labeled["labeled_by"] == identity["labeled_by"]).all()
