@@ -36,6 +36,10 @@
 ``python -m pipeline.bench label-overlap --adapter RUN_DIR --data DATA_DIR [--rows N] [--batch-size B]``
     ``catalog-tuner label`` with ``label.overlap`` off and on (preparing and committing record
     batches in threads beside the model), alternating, best of ``--repeats``: rows/s each.
+``python -m pipeline.bench label-repro --adapter RUN_DIR --data DATA_DIR [--env MKL_DYNAMIC=FALSE ...]``
+    the same small catalog labeled in fresh ``catalog-tuner label`` processes with ``label.overlap``
+    on, under the default environment and each ``--env`` variant: per process, the rows whose
+    confidence differs from one batch at a time in the same environment, and by how much.
 ``python -m pipeline.bench gpu --architecture DIR [--steps 60] [--batch-sizes ...] --output F``
     one short script for a GPU node (``make gpu-bundle`` packs what it needs), on random weights
     of the architecture in DIR: NF4 QLoRA training tokens/s of the default and the tutorial's
@@ -705,6 +709,51 @@ def bench_label_overlap(adapter: Path, data: Path, rows: int, batch_size: int, r
             "speedup": round(seconds["false"] / seconds["true"], 3)}
 
 
+def bench_label_repro(adapter: Path, data: Path, rows: int, batch_size: int, processes: int, dtype: str,
+                       variants: list[str], work: Path) -> dict[str, Any]:
+    """Whether labeling with ``label.overlap`` (a thread reading and tokenizing beside the model) gives
+    the numbers of one batch at a time, process after process: on one Xeon fp32 confidences moved in
+    the first batch of some processes, on an EPYC never (results/README.md). An environment variant
+    (``MKL_DYNAMIC=FALSE``, several joined by commas) tests a suspect kernel library."""
+    from pipeline.predict import run_recipe
+
+    catalog = work / "catalog.parquet"
+    synthetic_catalog(data, rows, 1.0, "", catalog, row_group_size=max(1, batch_size + batch_size // 4))
+
+    def labeled(out: Path, overlap: bool, env: dict[str, str]) -> tuple[pa.Table, float]:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pipeline", "label", "--adapter", str(adapter), "--catalog",
+                        str(catalog), "--output", str(out), "--rows-per-batch", str(batch_size),
+                        "--batch-size", str(batch_size), "--set", f"eval.dtype={dtype}",
+                        "--set", f"label.overlap={str(overlap).lower()}"],
+                       env={**os.environ, **env}, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return pq.read_table(out / catalog.name).drop_columns(["labeled_at"]), time.perf_counter() - start
+
+    def compared(table: pa.Table, reference: pa.Table) -> dict[str, Any]:
+        numbers = [c for c in reference.column_names if c.endswith("_confidence")]
+        got, want = (t.select(numbers).to_pandas().to_numpy(float) for t in (table, reference))
+        differing = (got != want).any(axis=1)
+        return {"rows_differing": int(differing.sum()),
+                "first_differing_row": int(differing.argmax()) if differing.any() else None,
+                "max_abs_difference": float(abs(got - want).max()),
+                "labels_equal": table.drop_columns(numbers).equals(reference.drop_columns(numbers))}
+
+    results, default_reference = [], None
+    for variant in ["", *variants]:
+        env = dict(item.split("=", 1) for item in variant.split(",") if item)
+        reference, seconds = labeled(work / f"reference-{len(results)}", False, env)
+        default_reference = reference if default_reference is None else default_reference
+        results.append({"env": env, "overlap": False, "process": 0, "seconds": round(seconds, 1),
+                        "against_default_environment": compared(reference, default_reference)})
+        for attempt in range(processes):
+            table, seconds = labeled(work / f"out-{len(results)}", True, env)
+            results.append({"env": env, "overlap": True, "process": attempt, "seconds": round(seconds, 1),
+                            **compared(table, reference)})
+    return {"benchmark": "label-repro", "command": command_line(), "adapter": str(adapter),
+            "config": run_recipe(adapter).to_dict(), "machine": machine(), "rows": rows, "batch_size": batch_size,
+            "dtype": dtype, "reference": "label.overlap=false in the same environment, one process", "runs": results}
+
+
 class AccuracyCurve(TrainerCallback):
     """Times every optimizer step and, every K steps, scores a fixed validation slice with the model being
     trained. Evaluation time is kept out of ``train_seconds``, so recipes compare on training cost.
@@ -1061,6 +1110,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
+    p = commands.add_parser("label-repro")
+    p.add_argument("--adapter", default="runs/demo")
+    p.add_argument("--data", default="data/instacart")
+    p.add_argument("--rows", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--processes", type=int, default=3, help="fresh processes per environment")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--env", nargs="*", default=[],
+                   help="environment variants, e.g. MKL_DYNAMIC=FALSE,OMP_DYNAMIC=FALSE")
     p = commands.add_parser("label-memory")
     p.add_argument("--adapter", default="runs/demo")
     p.add_argument("--data", default="data/instacart")
@@ -1112,6 +1170,10 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as scratch:
             result = bench_label_overlap(Path(args.adapter), Path(args.data), args.rows, args.batch_size,
                                          args.repeats, Path(scratch))
+    elif args.command == "label-repro":
+        with tempfile.TemporaryDirectory() as scratch:
+            result = bench_label_repro(Path(args.adapter), Path(args.data), args.rows, args.batch_size,
+                                       args.processes, args.dtype, args.env, Path(scratch))
     elif args.command == "label-memory":
         result = bench_label_memory(Path(args.adapter), Path(args.data), args.rows, args.new_fraction)
     else:
