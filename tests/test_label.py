@@ -201,8 +201,14 @@ def test_an_interrupted_file_resumes_from_its_last_committed_batch(adapter_run, 
     settings = ["eval.dtype=float32", f"label.overlap={overlap}"]  # exactness is fp32's contract
     sets = [arg for setting in settings for arg in ("--set", setting)]
     env = {**os.environ, "MKL_CBWR": "COMPATIBLE"}  # read when MKL loads, hence fresh processes only
+
+    def label_to_the_end(out: Path) -> None:
+        result = subprocess.run(_label_cmd(adapter_run, big, out, *sets), cwd=REPO, env=env, capture_output=True,
+                                text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+
     reference = tmp_path / "reference"
-    subprocess.run(_label_cmd(adapter_run, big, reference, *sets), cwd=REPO, env=env, check=True, capture_output=True)
+    label_to_the_end(reference)
     out, parts_dir = tmp_path / "out", tmp_path / "out" / "_partial" / "a.parquet"
 
     def committed() -> int:
@@ -217,8 +223,7 @@ def test_an_interrupted_file_resumes_from_its_last_committed_batch(adapter_run, 
         assert 16 * (int(part[5:11]) + 1) <= committed() < 200 and not (out / "a.parquet").exists()
     before_last_run = committed()
 
-    result = subprocess.run(_label_cmd(adapter_run, big, out, *sets), cwd=REPO, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
+    label_to_the_end(out)
     manifest = json.loads((out / "_manifest" / "a.parquet.json").read_text())
     assert manifest["resumed_rows"] == before_last_run  # what was committed was not labeled again
     assert manifest["stats"]["labeled"] == 200  # the report still counts the resumed batches
