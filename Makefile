@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/catalog-tuner prepare --out data/instacart
 	$(BIN)/catalog-tuner train --config jobs/recipes/instacart-smollm2.yaml --output runs/demo train.max_steps=240
 	$(BIN)/catalog-tuner label --adapter runs/demo --catalog data/instacart/to_label.parquet --output runs/demo-labeled
-	@echo "report: runs/demo-labeled/_report/report.html (summary.json, review_queue.parquet)"
+	@echo "report: runs/demo-labeled/_report/latest/report.html (summary.json, review_queue.parquet)"
 
 # Debian's Slurm, munge and MariaDB for the real-cluster tests (root only; they skip otherwise).
 slurm:

@@ -1,8 +1,10 @@
-"""Atomic files: a reader (a labeling job, a sweep task, a person) sees the old file or the whole
-new one, never a half-written one. Light on imports: the sweep driver uses it too."""
+"""Files: atomic writes, so that a reader (a labeling job, a sweep task, a person) sees the old file
+or the whole new one, never a half-written one; and the project's one content hash. Light on
+imports: the sweep driver uses it too."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -44,3 +46,14 @@ def write_atomic(final: Path, write: Callable[[Path], None]) -> None:
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1) + "\n"))
+
+
+def sha256_file(*paths: Path) -> str:
+    """The sha256 of the files' bytes, in order: what manifests, ``labeled_by`` and resume checks
+    compare (adapters, inputs, outputs, committed parts, the lexical model's two files)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

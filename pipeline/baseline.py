@@ -15,7 +15,6 @@ objects from them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -29,7 +28,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.svm import LinearSVC
 
-from pipeline.atomic import write_atomic
+from pipeline.atomic import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ def fit(train: pd.DataFrame, level: str = "department") -> dict[str, Any]:
 
 
 def _checksum(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 def save(fitted: dict[str, Any], folder: Path, stem: str = "baseline") -> None:

@@ -17,7 +17,6 @@ Written to RUN_DIR/calibration.json, with the lexical model as ``lexical.json`` 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -31,7 +30,7 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from pipeline import baseline
-from pipeline.atomic import write_json_atomic
+from pipeline.atomic import sha256_file, write_json_atomic
 from pipeline.config import Recipe
 from pipeline.data import read_split
 from pipeline.errors import DataError, ModelError
@@ -105,10 +104,7 @@ class Calibration:
 
 def lexical_sha256(run_dir: Path) -> str:
     """One hash over the lexical model's two files: what ``labeled_by`` names."""
-    digest = hashlib.sha256()
-    for suffix in (".json", ".safetensors"):
-        digest.update((run_dir / f"{LEXICAL_STEM}{suffix}").read_bytes())
-    return digest.hexdigest()
+    return sha256_file(*(run_dir / f"{LEXICAL_STEM}{suffix}" for suffix in (".json", ".safetensors")))
 
 
 def load(run_dir: Path, labels: list[str]) -> Calibration | None:

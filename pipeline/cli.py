@@ -1,4 +1,4 @@
-"""``catalog-tuner <command>``: prepare, train, calibrate, evaluate, sweep, label.
+"""``catalog-tuner <command>``: prepare, train, calibrate, evaluate, sweep, label, report.
 
 Exit code 0 on success; on a user error (bad config, bad data, missing run) a one-line reason
 on stderr and exit code 2; 75 when a training checkpointed and stopped on request; 1 when some
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline.config import DataConfig, load_recipe
 from pipeline.errors import EXIT_SOME_FAILED, EXIT_USER_ERROR, Interrupted, UserError
+from pipeline.progress import quiet_library_bars
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -83,8 +84,10 @@ def _sweep(args: argparse.Namespace) -> int:
 def _label(args: argparse.Namespace) -> int:
     from pipeline.label import label_catalogs, summarize
 
-    outcomes = label_catalogs(args.adapter, args.catalog, args.output, shard=args.shard, in_place=args.in_place,
+    outcomes = label_catalogs(args.adapter, args.catalog, args.output, shard=args.shard, job=args.job,
+                              in_place=args.in_place,
                               only_missing=args.only_missing, fail_fast=args.fail_fast,
+                              wait_for_lock=args.wait_for_lock,
                               text_column=args.text_column, id_column=args.id_column,
                               rows_per_batch=args.rows_per_batch, batch_size=args.batch_size,
                               review_max=args.review_max, overrides=args.overrides)
@@ -95,6 +98,16 @@ def _label(args: argparse.Namespace) -> int:
               f"{failed[0].message}", file=sys.stderr)
         return EXIT_SOME_FAILED
     return 0
+
+
+def _report(args: argparse.Namespace) -> None:
+    from pipeline.report import rebuild_report
+
+    folder = rebuild_report(Path(args.out_dir), args.job)
+    summary = json.loads((folder / "summary.json").read_text())
+    drift = "flagged" if summary["drift"]["flagged"] else "normal"
+    print(f"job {summary['job']}: {summary['rows']:,} rows, {summary['labeled']:,} labeled, "
+          f"{len(summary['files']['failed'])} failed file(s), drift {drift}\nreport: {folder / 'report.html'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,10 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--catalog", required=True, nargs="+", help="Parquet files, folders or globs")
     p.add_argument("--output", required=True, help="OUT_DIR for labeled files and the manifest")
     p.add_argument("--shard", help="I/N: this task's share (default: from SLURM_ARRAY_TASK_ID/COUNT, else 0/1)")
+    p.add_argument("--job", help="the labeling job this task belongs to, named alike by all its shards (default: "
+                   "the Slurm array job id; outside Slurm a new id, and --shard I/N with N > 1 needs it)")
     p.add_argument("--in-place", action="store_true", help="write predictions back into the catalog files")
     p.add_argument("--only-missing", action="store_true",
                    help="label only rows with no department or labeled by another adapter")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first file that fails")
+    p.add_argument("--wait-for-lock", action="store_true",
+                   help="wait for a file another process is labeling into the same output (default: skip it)")
     p.add_argument("--text-column", default="product_name")
     p.add_argument("--id-column", default="product_id", help="checked by --in-place; duplicates are counted")
     p.add_argument("--batch-size", type=int, default=64, help="products per forward pass")
@@ -167,11 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="section.key=value",
                    help="override the run's recipe for this job, e.g. --set eval.compile=true")
     p.set_defaults(func=_label)
+
+    p = commands.add_parser("report", help="rebuild a labeling job's report from its tasks' partials "
+                            "(no relabeling)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the labeling's OUT_DIR")
+    p.add_argument("--job", help="the job (default: the one whose report folder changed last)")
+    p.set_defaults(func=_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_library_bars()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

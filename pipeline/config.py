@@ -163,6 +163,9 @@ class LabelConfig:
     """Rows in the review queue at most (``--review-max``)."""
     review_below: float = 0.6
     """Rows with a confidence below this enter the review queue (truncated names always do)."""
+    report_keep: int = 30
+    """Job report folders kept under ``OUT_DIR/_report/`` (the newest; 0 keeps all); the history
+    of every job's key figures is never pruned."""
     overlap: bool | None = None
     """Read and prepare the next record batch (Parquet, tokenizing, the blend's lexical model) and
     write the last one, each in a thread, while the model scores this one; same output either way.

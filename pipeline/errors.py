@@ -48,3 +48,17 @@ class TrainingInterrupted(Interrupted):
 
 class LabelingInterrupted(Interrupted):
     """Labeling stopped after committing the record batch in hand."""
+
+
+class ReportError(UserError):
+    """A labeling job's report cannot be built: partials missing or damaged (named in the message)."""
+
+
+class FileFailed(Exception):
+    """One input file of a labeling job cannot be labeled (bad input, a full disk, another process
+    labeling it); the message names the file and the reason. The job goes on with the others."""
+
+    def __init__(self, message: str, committed_rows: int = 0) -> None:
+        super().__init__(message)
+        self.committed_rows = committed_rows
+        """Rows committed before the failure: kept, and not labeled again by the rerun."""

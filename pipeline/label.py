@@ -4,14 +4,17 @@ Safety rules, in the order a nightly job needs them:
 
 - an input file is never modified, except by the ``--in-place`` commit (write beside it, check
   row count and id column, atomic rename; the original is kept as a backup until then);
-- an output appears only when complete (temporary name in the same folder, fsync, rename);
-- every finished input gets a manifest entry (``OUT/_manifest/<name>.json``: rows, checksums,
-  adapter; with ``--in-place`` OUT holds only the manifest), so a rerun after a crash or
-  ``kill -9`` skips finished work and redoes the rest;
-- within a file, each record batch is committed as it is labeled (``OUT/_partial/``): a rerun
-  redoes only uncommitted batches, and SIGTERM (preemption, ``scancel``) commits the batch in
+- before any model loads, every folder the job writes to is tried for writing and for room for
+  one record batch: a read-only mount or a full disk is a one-line error (exit 2);
+- each output is labeled by the protocol of ``pipeline.parts``: locked against a second process,
+  each record batch committed as a verified part under ``OUT/_partial/`` (a rerun redoes only the
+  batches not committed, or whose part is damaged), the parts joined into a file that appears
+  under its final name only when complete; SIGTERM (preemption, ``scancel``) commits the batch in
   hand and exits with code 75 for requeue;
-- one bad file fails alone, with its name and reason; the others are still labeled.
+- every finished input gets a manifest entry (``OUT/_manifest/<name>.json``: rows, checksums,
+  adapter; with ``--in-place`` OUT holds only the manifest), so a rerun skips finished work;
+- one bad file, or one that cannot be written (a full disk, a quota, an I/O error), fails alone
+  with its name and the reason, its committed batches kept; the others are still labeled.
 
 Work is split into units of consecutive row groups. ``--shard I/N`` takes the I-th of N
 contiguous, row-balanced slices of all units in path order: N array tasks cover the catalog
@@ -21,6 +24,7 @@ written as ``<stem>.part-<first row group>.parquet`` beside where the whole woul
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -42,12 +46,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipeline.atomic import publish, temporary_path, write_atomic, write_json_atomic
+from pipeline.atomic import publish, sha256_file, temporary_path, write_json_atomic
 from pipeline.config import LabelConfig
-from pipeline.errors import LabelError, LabelingInterrupted
-from pipeline.predict import Predictor, Prepared, run_recipe, sha256_file
+from pipeline.errors import FileFailed, LabelError, LabelingInterrupted
+from pipeline.parts import PARTIAL_DIR, Parts, os_reason, output_lock, writing
+from pipeline.predict import Predictor, Prepared, run_recipe
 from pipeline.progress import progress_bar
-from pipeline.report import RUNNERS_UP, TOP_K, LabelStats, finish_job
+from pipeline.report import RUNNERS_UP, TOP_K, JobContext, LabelStats, finish_job, job_id, new_job_id
 from pipeline.scoring import Prediction
 
 log = logging.getLogger(__name__)
@@ -58,11 +63,6 @@ OUTPUT_COLUMNS = ["department", "department_confidence", "label_status", "labele
 ``aisle_confidence`` first (:meth:`Labeler.output_columns`)."""
 PROVENANCE_COLUMNS = ["label_status", "labeled_by", "labeled_at"]
 MANIFEST_DIR = "_manifest"
-PARTIAL_DIR = "_partial"
-
-
-class InputError(ValueError):
-    """One input file cannot be labeled; the message names it and the reason."""
 
 
 # --- planning --------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def plan(inputs: list[tuple[Path, Path]], shard: tuple[int, int]) -> tuple[list[
         try:
             metadata = pq.ParquetFile(path).metadata
         except Exception as exc:  # pyarrow raises several types for a non-Parquet file
-            unreadable.append((path, f"cannot be read as Parquet: {exc}"))
+            unreadable.append((path, f"{path}: cannot be read as Parquet: {exc}"))
             continue
         if metadata.num_row_groups == 0:
             groups.append((path, relative, -1, 0))
@@ -228,12 +228,12 @@ class Labeler:
         return calibration.lexical_seconds if calibration else 0.0
 
 
-def _check_text_column(schema: pa.Schema, column: str) -> None:
+def _check_text_column(source: Path, schema: pa.Schema, column: str) -> None:
     if column not in schema.names:
-        raise InputError(f"no column {column!r} (has: {', '.join(schema.names)})")
+        raise FileFailed(f"{source}: no column {column!r} (has: {', '.join(schema.names)})")
     kind = schema.field(column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
-        raise InputError(f"column {column!r} is {kind}, not a string column")
+        raise FileFailed(f"{source}: column {column!r} is {kind}, not a string column")
 
 
 def _needs_label(batch: pa.RecordBatch, labeled_by: str, level: str) -> list[bool]:
@@ -330,6 +330,9 @@ class Outcome:
     unit: Unit
     status: str  # labeled | skipped | failed
     rows: int = 0
+    """Rows written (labeled, skipped); for a failed file, the rows committed before it failed."""
+    resumed_rows: int = 0
+    """Rows whose batch an interrupted run had committed: read back, not labeled again."""
     duplicate_ids: int = 0
     message: str = ""
     stats: LabelStats = field(default_factory=LabelStats)
@@ -359,34 +362,34 @@ class StopOnSignal:
         log.warning("received %s: committing the batch in hand, then stopping", self.requested)
 
 
-def committed_parts(parts_dir: Path, resume_key: dict[str, Any]) -> dict[str, Any]:
-    """The progress of an interrupted run of this unit (committed batch parts and its
-    ``labeled_at``), or a fresh start when there is none or it was made differently."""
-    progress_path = parts_dir / "progress.json"
-    if progress_path.is_file():
-        progress = json.loads(progress_path.read_text())
-        if progress.get("key") == resume_key:
-            for stale in parts_dir.glob(".*.tmp-*"):  # a part being written when the job was killed
-                stale.unlink()
-            return progress
-    shutil.rmtree(parts_dir, ignore_errors=True)
-    parts_dir.mkdir(parents=True)
-    progress = {"key": resume_key, "labeled_at": datetime.now(UTC).isoformat()}
-    write_json_atomic(progress_path, progress)
-    return progress
-
-
 def label_unit(labeler: Labeler, unit: Unit, out_dir: Path, *, text_column: str, id_column: str,
                only_missing: bool, in_place: bool, rows_per_batch: int, bar: tqdm,
-               stop: StopOnSignal | None = None, settings: LabelConfig | None = None) -> Outcome:
-    """Label one unit into its output (or into the input itself with ``in_place``).
+               stop: StopOnSignal | None = None, settings: LabelConfig | None = None,
+               wait_for_lock: bool = False) -> Outcome:
+    """Label one unit into its output (or into the input itself with ``in_place``), by the protocol
+    of ``pipeline.parts``: locked, each record batch committed as a verified part, the parts joined
+    into a file that appears under its final name only when complete, then the manifest.
 
-    Each record batch is committed as it is labeled, as a part under ``OUT/_partial/<output>/``
-    (hidden from readers of OUT, which skip ``_`` names), so that a preempted or killed job
-    redoes only the batches it had not committed; the parts are then joined into the output,
-    which appears under its final name only when complete.
-    """
+    A failure to write (a full disk, a quota, an I/O error) fails this file by name with the OS
+    reason; the batches committed so far are kept for the rerun."""
     final = unit.source if in_place else out_dir / unit.output_name
+    committed = [0]  # rows committed so far, in this run or an earlier one
+
+    try:
+        with output_lock(out_dir / PARTIAL_DIR / f"{unit.output_name}.lock", final, wait_for_lock):
+            return _label_locked(labeler, unit, out_dir, final, committed, text_column=text_column,
+                                 id_column=id_column, only_missing=only_missing, in_place=in_place,
+                                 rows_per_batch=rows_per_batch, bar=bar, stop=stop, settings=settings or LabelConfig())
+    except (FileFailed, OSError, pa.ArrowException) as exc:
+        reason = str(exc) if isinstance(exc, FileFailed) else os_reason(exc)
+        reason = reason if reason.startswith(str(unit.source)) else f"{unit.source}: {reason}"
+        kept = f"; {committed[0]} of {unit.rows} rows committed, kept for the rerun" if committed[0] else ""
+        raise FileFailed(f"{reason}{kept}", committed[0]) from exc
+
+
+def _label_locked(labeler: Labeler, unit: Unit, out_dir: Path, final: Path, committed: list[int], *,
+                  text_column: str, id_column: str, only_missing: bool, in_place: bool, rows_per_batch: int,
+                  bar: tqdm, stop: StopOnSignal | None, settings: LabelConfig) -> Outcome:
     manifest = out_dir / MANIFEST_DIR / f"{unit.output_name}.json"
     source_sha = sha256_file(unit.source)
     if manifest.is_file():
@@ -400,42 +403,41 @@ def label_unit(labeler: Labeler, unit: Unit, out_dir: Path, *, text_column: str,
             return Outcome(unit, "skipped", entry["rows"], stats=LabelStats.from_dict(entry.get("stats") or {}))
 
     parquet = pq.ParquetFile(unit.source)
-    _check_text_column(parquet.schema_arrow, text_column)
-    parts_dir = out_dir / PARTIAL_DIR / unit.output_name
-    progress = committed_parts(parts_dir, {
+    _check_text_column(unit.source, parquet.schema_arrow, text_column)
+    parts = Parts(out_dir / PARTIAL_DIR / unit.output_name, {
         "input_sha256": source_sha, "labeled_by": labeler.labeled_by, "row_groups": unit.row_groups,
         "rows_per_batch": rows_per_batch, "only_missing": only_missing, "text_column": text_column})
-    labeled_at = datetime.fromisoformat(progress["labeled_at"])
+    labeled_at = parts.labeled_at
     start, lexical_start = time.perf_counter(), labeler.lexical_seconds()
-    parts, rows, resumed_rows = [], 0, 0
+    batches, rows, resumed_rows = 0, 0, 0
     stats, level = LabelStats(), labeler.predictor.level
     first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.row_groups[0])) if unit.row_groups else 0
 
-    def prepare(numbered: tuple[int, pa.RecordBatch]) -> tuple[pa.RecordBatch, Path, Any]:
-        k, batch = numbered
-        part = parts_dir / f"part-{k:06d}.parquet"  # committed by an interrupted run: no work
-        return batch, part, None if part.is_file() else prepare_batch(labeler, batch, text_column, only_missing)
+    def prepare(numbered: tuple[int, pa.RecordBatch]) -> tuple[pa.RecordBatch, int, Any]:
+        k, batch = numbered  # a batch an interrupted run committed needs no work
+        return batch, k, None if parts.committed(k) else prepare_batch(labeler, batch, text_column, only_missing)
 
-    def commit(batch: pa.RecordBatch, part: Path, at_row: int, scored: tuple[list[int], Prediction] | None) -> None:
+    def commit(batch: pa.RecordBatch, k: int, at_row: int, scored: tuple[list[int], Prediction] | None) -> None:
         if scored is None:  # committed by an interrupted run
-            labeled = pq.read_table(part)
+            labeled = parts.read(k)
         else:
             labeled = pa.Table.from_batches([output_batch(labeler, batch, *scored, labeled_at)])
-            write_atomic(part, lambda tmp: pq.write_table(labeled, tmp))
+            parts.commit(k, labeled)
+        committed[0] += batch.num_rows
         stats.add(labeled, level=level, labeled_by=labeler.labeled_by, labeled_at=labeled_at,
                   previous=batch.column(level).to_pylist() if level in batch.schema.names else None,
                   source=unit.source, first_row=at_row, id_column=id_column, text_column=text_column,
-                  settings=settings or LabelConfig())
+                  settings=settings)
         bar.update(batch.num_rows)
 
     # Reading and preparing the next batch, and writing the last one, overlap the model's scoring
     # of this one (label.overlap): on a GPU they were most of the time (results/README.md).
-    overlap = (settings or LabelConfig()).overlap
+    overlap = settings.overlap
     if overlap is None:
         overlap = labeler.predictor.device != "cpu"
     with ThreadPoolExecutor(1, thread_name_prefix="commit") as committer:
         committing: Future | None = None
-        for batch, part, work in ahead(enumerate(iter_batches(unit, rows_per_batch)), prepare, overlap):
+        for batch, k, work in ahead(enumerate(iter_batches(unit, rows_per_batch)), prepare, overlap):
             if work is None:
                 resumed_rows += batch.num_rows
                 scored = None
@@ -444,10 +446,10 @@ def label_unit(labeler: Labeler, unit: Unit, out_dir: Path, *, text_column: str,
                 scored = todo, labeler.predictor.predict(prepared)
             if committing is not None:
                 committing.result()
-            committing = committer.submit(commit, batch, part, first_row + rows, scored)
+            committing = committer.submit(commit, batch, k, first_row + rows, scored)
             if not overlap:
                 committing.result()
-            parts.append(part)
+            batches += 1
             rows += batch.num_rows
             if stop is not None and stop.requested:
                 committing.result()
@@ -458,44 +460,42 @@ def label_unit(labeler: Labeler, unit: Unit, out_dir: Path, *, text_column: str,
     if resumed_rows:
         log.info("%s: resumed, %d of %d rows were already committed", unit.source, resumed_rows, rows)
 
-    final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
     tmp = temporary_path(final)
     try:
-        if parts:
-            schema = pq.read_schema(parts[0])
-            output = [name for name in schema.names if name not in RUNNERS_UP]
-            with pq.ParquetWriter(tmp, pa.schema([schema.field(name) for name in output])) as writer:
-                for part in parts:
-                    writer.write_table(pq.read_table(part, schema=schema, columns=output))
+        if batches:
+            written = parts.join(batches, tmp, RUNNERS_UP)
         else:  # no rows: still write a valid file with the output schema
             empty = pa.RecordBatch.from_pylist([], schema=parquet.schema_arrow)
-            pq.write_table(pa.Table.from_batches([label_batch(labeler, empty, text_column, only_missing,
-                                                              labeled_at)]).drop_columns(list(RUNNERS_UP)), tmp)
-        check = pq.ParquetFile(tmp).metadata
-        if check.num_rows != unit.rows:
-            raise InputError(f"wrote {check.num_rows} rows, expected {unit.rows}")
-        if in_place:
-            _verify_ids(unit.source, tmp, id_column)
-            backup = unit.source.with_name(f".{unit.source.name}.orig")
-            shutil.copy2(unit.source, backup)  # kept until the commit below succeeds
-            publish(tmp, final)
-            backup.unlink()
-        else:
-            publish(tmp, final)
+            with writing(tmp):
+                pq.write_table(pa.Table.from_batches([label_batch(labeler, empty, text_column, only_missing,
+                                                                  labeled_at)]).drop_columns(list(RUNNERS_UP)), tmp)
+            written = 0
+        if written != unit.rows:
+            raise FileFailed(f"{unit.source}: wrote {written} rows, expected {unit.rows}")
+        with writing(final):
+            if in_place:
+                _verify_ids(unit.source, tmp, id_column)
+                backup = unit.source.with_name(f".{unit.source.name}.orig")
+                shutil.copy2(unit.source, backup)  # kept until the commit below succeeds
+                publish(tmp, final)
+                backup.unlink()
+            else:
+                publish(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     duplicates = count_duplicate_ids(parquet, unit.row_groups, id_column)
-    write_json_atomic(manifest, {
-        "input": str(unit.source), "output": str(final), "row_groups": unit.row_groups, "rows": rows,
-        "resumed_rows": resumed_rows,
-        "input_sha256": source_sha, "output_sha256": sha256_file(final), "duplicate_ids": duplicates,
-        "finished_at": datetime.now(UTC).isoformat(), "seconds": round(time.perf_counter() - start, 3),
-        "lexical_seconds": round(labeler.lexical_seconds() - lexical_start, 3), **labeler.provenance(),
-        "stats": asdict(stats),
-    })
-    shutil.rmtree(parts_dir, ignore_errors=True)
-    return Outcome(unit, "labeled", rows, duplicates, stats=stats)
+    with writing(manifest):
+        write_json_atomic(manifest, {
+            "input": str(unit.source), "output": str(final), "row_groups": unit.row_groups, "rows": rows,
+            "resumed_rows": resumed_rows,
+            "input_sha256": source_sha, "output_sha256": sha256_file(final), "duplicate_ids": duplicates,
+            "finished_at": datetime.now(UTC).isoformat(), "seconds": round(time.perf_counter() - start, 3),
+            "lexical_seconds": round(labeler.lexical_seconds() - lexical_start, 3), **labeler.provenance(),
+            "stats": asdict(stats),
+        })
+    parts.remove()
+    return Outcome(unit, "labeled", rows, resumed_rows, duplicates, stats=stats)
 
 
 def count_duplicate_ids(parquet: pq.ParquetFile, row_groups: list[int], id_column: str) -> int:
@@ -511,28 +511,66 @@ def _verify_ids(original: Path, rewritten: Path, id_column: str) -> None:
         return
     before = pq.read_table(original, columns=[id_column]).column(0)
     if not before.equals(pq.read_table(rewritten, columns=[id_column]).column(0)):
-        raise InputError(f"the rewritten file's {id_column} column differs from the original's")
+        raise FileFailed(f"{original}: the rewritten file's {id_column} column differs from the original's")
+
+
+def check_output_folders(units: list[Unit], out_dir: Path, in_place: bool, rows_per_batch: int) -> None:
+    """Before any model loads: each folder the job writes to can be written (permissions, a
+    read-only mount: tried, since root passes every permission check) and has room for one record
+    batch of its largest-rowed input (estimated from the input's bytes per row, twice over for the
+    predictions and the temporary copy)."""
+    folders: dict[Path, int] = {out_dir: 0}
+    for unit in units:
+        folder = unit.source.parent if in_place else (out_dir / unit.output_name).parent
+        rows = max(1, pq.ParquetFile(unit.source).metadata.num_rows)
+        need = 2 * unit.source.stat().st_size * min(rows_per_batch, rows) // rows + 4096
+        folders[folder] = max(folders.get(folder, 0), need)
+    for folder, need in folders.items():
+        probe = folder / f".write-check-{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"0")
+                os.fsync(f.fileno())
+            probe.unlink()
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # created but not written (a full disk)
+                probe.unlink(missing_ok=True)
+            raise LabelError(f"{folder}: cannot be written: {os_reason(exc)}") from None
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise LabelError(f"{folder}: {free:,} bytes free, a record batch needs about {need:,}: free space, "
+                             "or lower --rows-per-batch")
 
 
 def label_catalogs(adapter: str | Path, catalogs: list[str], out_dir: str | Path, *, shard: str | None = None,
-                   in_place: bool = False, only_missing: bool = False, fail_fast: bool = False,
-                   text_column: str = "product_name", id_column: str = "product_id", rows_per_batch: int = 4096,
-                   batch_size: int = 64, progress: bool = True, review_max: int | None = None,
+                   job: str | None = None, in_place: bool = False, only_missing: bool = False,
+                   fail_fast: bool = False, wait_for_lock: bool = False, text_column: str = "product_name",
+                   id_column: str = "product_id", rows_per_batch: int = 4096, batch_size: int = 64,
+                   progress: bool = True, review_max: int | None = None,
                    overrides: list[str] | None = None) -> list[Outcome]:
-    """Label every input row of this shard, then write the job's report (``pipeline.report``)."""
+    """Label every input row of this shard, then write this task's share of the job's report
+    (``pipeline.report``; ``job``: the labeling job the shard belongs to, by default Slurm's)."""
     inputs = find_inputs(catalogs)
     position = parse_shard(shard)
+    job = job_id(job)
+    if job is None:
+        if position[1] > 1:
+            raise LabelError(f"--shard {position[0]}/{position[1]} outside Slurm: name the job with --job ID, "
+                             "the same for its tasks, so that their reports merge")
+        job = new_job_id()
     units, unreadable = plan(inputs, position)
     outcomes = [Outcome(Unit(p, Path(p.name), [], 0), "failed", message=m) for p, m in unreadable]
     if fail_fast and outcomes:
         return outcomes
     if in_place and any(not u.whole_file for u in units):
         raise LabelError("--in-place cannot split a file between shards; use as many shards as files or fewer")
+    out = Path(out_dir)
+    check_output_folders(units, out, in_place, rows_per_batch)
     labeler = Labeler(Path(adapter), batch_size=batch_size, overrides=overrides or [])
     settings = labeler.predictor.recipe.label
     if review_max is not None:
         settings = dataclasses.replace(settings, review_max=review_max)
-    out = Path(out_dir)
     start = time.perf_counter()
     with progress_bar(sum(u.rows for u in units), "labeling", "row", disable=not progress) as bar, \
             StopOnSignal() as stop:
@@ -540,32 +578,53 @@ def label_catalogs(adapter: str | Path, catalogs: list[str], out_dir: str | Path
             try:
                 outcomes.append(label_unit(labeler, unit, out, text_column=text_column, id_column=id_column,
                                            only_missing=only_missing, in_place=in_place,
-                                           rows_per_batch=rows_per_batch, bar=bar, stop=stop, settings=settings))
-            except (InputError, pa.ArrowException, OSError) as exc:
-                outcomes.append(Outcome(unit, "failed", message=str(exc)))
+                                           rows_per_batch=rows_per_batch, bar=bar, stop=stop, settings=settings,
+                                           wait_for_lock=wait_for_lock))
+            except FileFailed as exc:
+                log.error("%s", exc)
+                outcomes.append(Outcome(unit, "failed", exc.committed_rows, message=str(exc)))
                 if fail_fast:
                     break
     seconds = time.perf_counter() - start
-    log.info("labeled %d rows in %.1f s", sum(o.rows for o in outcomes if o.status == "labeled"), seconds)
-    report = finish_job(out, position, [o.stats for o in outcomes],
-                        [{"file": str(o.unit.source), "reason": o.message} for o in outcomes if o.status == "failed"],
-                        sum(o.status == "labeled" for o in outcomes), sum(o.status == "skipped" for o in outcomes),
-                        round(seconds, 2), labeler.predictor.labels, labeler.provenance(), labeler.run_dir,
-                        settings, labeler.predictor.recipe)
-    log.info("report: %s", report if report else f"waiting for the other tasks ({position[1]} in all)")
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("labeled", "skipped", "failed")}
+    log.info("%d rows labeled in %d file(s), %d file(s) already done, %d failed, in %.1f s",
+             sum(o.rows for o in outcomes if o.status == "labeled"), counts["labeled"], counts["skipped"],
+             counts["failed"], seconds)
+    training = labeler.run_dir / "label_distribution.json"
+    context = JobContext(labeler.predictor.labels, labeler.provenance(), settings, labeler.predictor.recipe.tracking,
+                         json.loads(training.read_text()) if training.is_file() else None)
+    failed = [o for o in outcomes if o.status == "failed"]
+    files = {"labeled": counts["labeled"], "skipped": counts["skipped"],
+             "failed": [{"file": str(o.unit.source), "reason": o.message, "committed_rows": o.rows} for o in failed],
+             "resumed_rows": sum(o.resumed_rows for o in outcomes),
+             "failed_rows": sum(o.unit.rows - o.rows for o in failed)}
+    try:
+        report = finish_job(out, job, position, [o.stats for o in outcomes], files, round(seconds, 2), context)
+    except OSError as exc:  # the report is a view of the outputs: it never changes the labeling's outcome
+        log.error("the report of job %s was not written (%s%s); the labeled outputs stand. Once fixed, rebuild "
+                  "it with: catalog-tuner report %s --job %s", job, os_reason(exc),
+                  f": {exc.filename}" if exc.filename else "", out, job)
+        return outcomes
+    log.info("report of job %s: %s", job, report if report else f"waiting for the other tasks ({position[1]} in all)")
     return outcomes
 
 
 def summarize(outcomes: list[Outcome]) -> str:
+    """One line per file (a failed one with its reason), then the counts: what a person reads first."""
     lines = []
     for o in outcomes:
-        name = o.unit.source
         if o.status == "failed":
-            lines.append(f"FAILED {name}: {o.message}")
+            lines.append(f"FAILED {o.message}")
         else:
             extra = f", {o.duplicate_ids} duplicate ids" if o.duplicate_ids else ""
-            lines.append(f"{o.status} {name}: {o.rows} rows{extra}")
+            resumed = f", {o.resumed_rows} resumed" if o.resumed_rows else ""
+            lines.append(f"{o.status} {o.unit.source}: {o.rows} rows{resumed}{extra}")
     counts = {s: sum(o.status == s for o in outcomes) for s in ("labeled", "skipped", "failed")}
+    done = [o for o in outcomes if o.status != "failed"]
     lines.append(f"{counts['labeled']} labeled, {counts['skipped']} skipped (already done), {counts['failed']} failed; "
-                 f"{sum(o.rows for o in outcomes)} rows, {sum(o.duplicate_ids for o in outcomes)} duplicate ids")
+                 f"{sum(o.rows for o in done)} rows, {sum(o.duplicate_ids for o in outcomes)} duplicate ids")
+    failed = [o for o in outcomes if o.status == "failed" and o.unit.rows]
+    if failed:
+        lines.append(f"failed files: {sum(o.rows for o in failed)} rows committed and kept for the rerun, "
+                     f"{sum(o.unit.rows - o.rows for o in failed)} still to label")
     return "\n".join(lines)

@@ -9,7 +9,6 @@ run directory like any other.
 
 from __future__ import annotations
 
-import hashlib
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from pipeline import calibrate, scoring
+from pipeline.atomic import sha256_file
 from pipeline.config import Recipe, load_recipe
 from pipeline.data import read_labels, read_taxonomy
 from pipeline.errors import ConfigError, ModelError
@@ -32,14 +32,6 @@ def run_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> Recip
     if not (run / "config.yaml").is_file():
         raise ModelError(f"{run}: not a run directory (no config.yaml)")
     return load_recipe(run / "config.yaml", overrides)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_identity(run_dir: str | Path) -> dict[str, str | None]:

@@ -2,11 +2,14 @@
 
 On a terminal, tqdm's bar. Elsewhere (stderr is a file, as in every batch job) a bar redrawn
 with carriage returns turns into one enormous line, so :class:`LogLines` prints a whole line
-instead, every ``LOG_INTERVAL_S`` seconds and at the end: done/total, rate and time left.
+instead, every ``LOG_INTERVAL_S`` seconds and at the end: done/total, rate and time left. The
+libraries' own bars (weight loading, dataset maps, the trainer's) are turned off there
+(:func:`quiet_library_bars`; the trainer's in ``pipeline.train``, which logs steps as lines).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from tqdm.auto import tqdm
@@ -35,8 +38,20 @@ class LogLines(tqdm):
 
 def progress_bar(total: int, desc: str, unit: str, disable: bool = False) -> tqdm:
     """A progress bar on a terminal, log lines elsewhere."""
-    if sys.stderr.isatty():
+    if on_terminal():
         return tqdm(total=total, desc=desc, unit=unit, disable=disable)
     return LogLines(total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr,
                     mininterval=LOG_INTERVAL_S, bar_format="{desc}: {n_fmt}/{total_fmt} {unit}s "
                     "({percentage:.0f}%), {rate_fmt}, {elapsed} elapsed, {remaining} left")
+
+
+def on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def quiet_library_bars() -> None:
+    """Off a terminal, turn off the progress bars of transformers, datasets and the hub (read from
+    the environment when they are imported: call before that); a terminal keeps them."""
+    if not on_terminal():
+        for variable in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(variable, "1")

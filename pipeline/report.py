@@ -1,38 +1,48 @@
 """The labeling job's morning report: did last night look normal, and which rows should a person check.
 
-Every ``catalog-tuner label`` job writes, after its last file, ``OUT_DIR/_report/``:
+Each labeling job (a Slurm array job, by its id; elsewhere ``--job ID`` or a generated id) writes
+its own folder ``OUT_DIR/_report/<job>/``:
 
 - ``summary.json``: rows, rows labeled when their file was labeled (the others kept an earlier
-  label, with ``--only-missing``), rows per ``label_status``, files failed
-  with their reasons, throughput, the label distribution of the labeled catalog, a 20-bin
-  histogram of the confidences this job gave, label changes (``--only-missing`` and
-  ``--in-place`` over labeled rows), the adapter, and **drift**: the Jensen-Shannon divergence
-  (base 2) of the label shares against the training split's (``RUN_DIR/label_distribution.json``)
-  and against the previous report in this OUT_DIR, the labels that moved most, and
-  ``flagged`` above ``label.drift_threshold``;
+  label, with ``--only-missing``), rows per ``label_status``, files failed with their reasons,
+  throughput, the label distribution of the labeled catalog, a 20-bin histogram of the
+  confidences this job gave, the share below ``label.review_below``, label changes
+  (``--only-missing`` and ``--in-place`` over labeled rows), the adapter, and **drift**: the
+  Jensen-Shannon divergence (base 2) of the label shares against the training split's and
+  against the previous complete job's, the labels that moved most, and ``flagged`` above
+  ``label.drift_threshold``;
 - ``review_queue.parquet``: the rows to check first (every truncated name, then the lowest
   calibrated confidences below ``label.review_below``), at most ``label.review_max``, with id,
   name, the top three labels and their probabilities (kept from the labeling pass: no row is
   scored twice), and the source file and row;
-- ``report.html``: the same, self-contained (inline PNG charts), to open from a shared folder.
+- ``report.html``: the same, self-contained, with the trend of the last nights and a link to the
+  previous job's report.
 
-The figures come from what was written: each file's statistics are gathered as its batches are
-committed (resumed batches are read back) and kept in its manifest, so a file skipped as already
-labeled still counts. A Slurm array writes one partial per task (``_report/partial/``); whichever
-task completes the set merges them, and a rerun of a failed task merges again. Merged figures
-equal one process's: counts add up, and each task keeps its own ``review_max`` lowest rows, among
-which the global lowest are.
+Beside the job folders: ``history.jsonl``, one line of key figures per merge, append-only and
+never pruned (a rebuilt job appends a new line; readers take each job's last), and ``latest``, a
+link switched atomically to the newest complete job. Only the last ``label.report_keep`` job
+folders are kept.
+
+Each task of a job writes its partial (``<job>/partial/shard-<i>-of-<N>.json``: its figures and
+everything the merge needs, so that ``catalog-tuner report`` rebuilds a job without the model).
+Whichever task completes the set merges it, under a lock on ``_report/``: exactly one merge per
+complete set, and a rerun task (requeue, manual rerun) merges its job again. Merged figures
+equal one process's: counts add up, and each task keeps its own ``review_max`` lowest rows,
+among which the global lowest are.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
+import fcntl
+import hashlib
 import json
+import logging
 import os
+import shutil
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,9 +54,15 @@ from scipy.spatial.distance import jensenshannon
 
 from pipeline import tracking
 from pipeline.atomic import write_atomic, write_json_atomic
-from pipeline.config import LabelConfig, Recipe
+from pipeline.config import LabelConfig, TrackingConfig
+from pipeline.errors import ReportError
+from pipeline.report_page import render_html
+
+log = logging.getLogger(__name__)
 
 REPORT_DIR = "_report"
+HISTORY_FILE = "history.jsonl"
+LATEST = "latest"
 HISTOGRAM_BINS = 20
 TOP_MOVES = 10
 RUNNERS_UP = ("_top_labels", "_top_probabilities")
@@ -70,6 +86,9 @@ class LabelStats:
     """Label counts over every output row: the catalog as it now stands."""
     confidence_histogram: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BINS)
     """Confidences this job gave, in 20 equal bins over [0, 1]."""
+    low_confidence: int = 0
+    """Rows this job scored with a confidence below ``label.review_below``: the trend's
+    low-confidence share."""
     changed: int = 0
     """Rows this job scored that had another label before."""
     moves: dict[str, int] = field(default_factory=dict)
@@ -101,6 +120,7 @@ class LabelStats:
             self.by_status[statuses[i]] = self.by_status.get(statuses[i], 0) + 1
             if confidences[i] is not None:
                 self.confidence_histogram[min(int(confidences[i] * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += 1
+                self.low_confidence += confidences[i] < settings.review_below
             before = previous[i] if previous is not None else None
             if before is not None and before != label:
                 self.changed += 1
@@ -116,6 +136,7 @@ class LabelStats:
         self.rows += other.rows
         self.labeled += other.labeled
         self.changed += other.changed
+        self.low_confidence += other.low_confidence
         for mine, theirs in ((self.by_status, other.by_status), (self.labels, other.labels),
                              (self.moves, other.moves)):
             _add(mine, theirs)
@@ -124,7 +145,9 @@ class LabelStats:
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> LabelStats:
-        return cls(**saved)
+        """From a manifest or partial; fields an older version did not write keep their defaults."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
 
 
 def _add(total: dict[str, int], counts: dict[str, int]) -> None:
@@ -158,67 +181,247 @@ def drift(counts: dict[str, int], reference: dict[str, int], labels: list[str], 
                             "reference_share": round(float(q[i]), 4)} for i in moved]}
 
 
-# --- the job's report ------------------------------------------------------------------------
+# --- one job's report --------------------------------------------------------------------------
 
 
-def write_partial(out_dir: Path, shard: tuple[int, int], stats: LabelStats, failed: list[dict[str, str]],
-                  seconds: float, skipped_files: int, labeled_files: int) -> Path:
-    """This task's share of the report, where the merging task finds it."""
-    index, count = shard
-    path = out_dir / REPORT_DIR / "partial" / f"shard-{index}-of-{count}.json"
-    write_json_atomic(path, {"shard": f"{index}/{count}", "job": os.environ.get("SLURM_ARRAY_JOB_ID",
-                                                                                  os.environ.get("SLURM_JOB_ID")),
+def job_id(given: str | None = None) -> str | None:
+    """The labeling job's id: ``--job``, else the Slurm array job (or plain job) id; None elsewhere."""
+    return given or os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+
+
+def new_job_id() -> str:
+    """A job id for a one-process job outside Slurm: sortable, and unique per process."""
+    return f"local-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{os.getpid()}"
+
+
+@dataclass
+class JobContext:
+    """What a merge needs besides the tasks' figures; each partial carries it, so that a report is
+    rebuilt (``catalog-tuner report``) without the run directory or the model."""
+
+    labels: list[str]
+    provenance: dict[str, Any]
+    settings: LabelConfig
+    tracking: TrackingConfig
+    training: dict[str, Any] | None
+    """The training split's label distribution (``RUN_DIR/label_distribution.json``)."""
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> JobContext:
+        def known(kind: type, values: dict[str, Any]) -> Any:
+            return kind(**{k: v for k, v in values.items() if k in {f.name for f in fields(kind)}})
+
+        return cls(saved["labels"], saved["provenance"], known(LabelConfig, saved["settings"]),
+                   known(TrackingConfig, saved["tracking"]), saved.get("training"))
+
+
+def job_folder(out_dir: Path, job: str) -> Path:
+    return out_dir / REPORT_DIR / job
+
+
+def partial_name(shard: tuple[int, int]) -> str:
+    return f"shard-{shard[0]}-of-{shard[1]}.json"
+
+
+def write_partial(out_dir: Path, job: str, shard: tuple[int, int], stats: LabelStats, files: dict[str, Any],
+                  seconds: float, context: JobContext) -> Path:
+    """This task's share of its job's report, where the merging task finds it."""
+    path = job_folder(out_dir, job) / "partial" / partial_name(shard)
+    write_json_atomic(path, {"shard": f"{shard[0]}/{shard[1]}", "job": job,
                              "finished_at": datetime.now(UTC).isoformat(timespec="seconds"), "seconds": seconds,
-                             "files": {"labeled": labeled_files, "skipped": skipped_files, "failed": failed},
-                             "stats": asdict(stats)})
+                             "files": files,
+                             "stats": asdict(stats), "context": asdict(context)})
     return path
 
 
-def complete_partials(out_dir: Path, count: int) -> list[dict[str, Any]] | None:
-    """Every task's partial for an N-task job, or None while some task has not finished."""
-    partials = [out_dir / REPORT_DIR / "partial" / f"shard-{i}-of-{count}.json" for i in range(count)]
-    if not all(p.is_file() for p in partials):
-        return None
-    return [json.loads(p.read_text()) for p in partials]
+def read_partials(folder: Path, count: int | None = None) -> tuple[list[dict[str, Any]] | None, str]:
+    """A job's partials in shard order, or None and why not (shards missing, a partial damaged).
+    ``count``: the job's number of tasks; by default the one its partials' names agree on."""
+    found, damaged = {}, []
+    for path in sorted((folder / "partial").glob("shard-*-of-*.json")):
+        try:
+            partial = json.loads(path.read_text())
+            found[path.name] = partial, LabelStats.from_dict(partial["stats"]), JobContext.from_dict(partial["context"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            damaged.append(f"{path} is damaged ({type(exc).__name__}: {exc})")
+    counts = {int(name.removesuffix(".json").rsplit("-", 1)[1]) for name in found}
+    if count is None:
+        if len(counts) != 1:
+            return None, "; ".join(damaged) or (f"{folder}: partials of {sorted(counts)} tasks" if counts
+                                                 else f"{folder}: no partial")
+        count = counts.pop()
+    missing = [i for i in range(count) if partial_name((i, count)) not in found]
+    if missing or damaged:
+        return None, "; ".join(damaged + ([f"{folder}: no partial yet from shard(s) "
+                                           f"{', '.join(f'{i}/{count}' for i in missing)}"] if missing else []))
+    return [found[partial_name((i, count))][0] for i in range(count)], ""
 
 
-def merge_partials(partials: list[dict[str, Any]], review_max: int) -> tuple[LabelStats, dict[str, Any]]:
-    stats = LabelStats()
-    files = {"labeled": 0, "skipped": 0, "failed": []}
-    for partial in partials:
-        stats.merge(LabelStats.from_dict(partial["stats"]), review_max)
-        files["labeled"] += partial["files"]["labeled"]
-        files["skipped"] += partial["files"]["skipped"]
-        files["failed"] += partial["files"]["failed"]
-    return stats, files
+@contextmanager
+def report_lock(out_dir: Path) -> Iterator[None]:
+    """Held while a job's report, the history and ``latest`` are written: two tasks (of one job or
+    two) finishing together merge one after the other, and the second sees the first's work."""
+    root = out_dir / REPORT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build_summary(stats: LabelStats, files: dict[str, Any], partials: list[dict[str, Any]], labels: list[str],
-                  provenance: dict[str, Any], training: dict[str, Any] | None, previous: dict[str, Any] | None,
-                  settings: LabelConfig) -> dict[str, Any]:
+def read_history(out_dir: Path) -> list[dict[str, Any]]:
+    """Each job's last history line, in the order the jobs first completed; damaged lines (a write cut
+    by a full disk) are logged by line number and skipped."""
+    path = out_dir / REPORT_DIR / HISTORY_FILE
+    entries: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                entry = json.loads(line)
+                entries[str(entry["job"])] = {**entries.get(str(entry["job"]), {}), **entry}
+            except (ValueError, KeyError, TypeError):
+                if line.strip():
+                    log.warning("%s, line %d: damaged, skipped", path, number)
+    return list(entries.values())
+
+
+def append_history(out_dir: Path, entry: dict[str, Any]) -> None:
+    path = out_dir / REPORT_DIR / HISTORY_FILE
+    with open(path, "a+b") as f:
+        if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+            f.write(b"\n")  # a line cut short before (a full disk): end it; readers skip it
+        f.write(json.dumps(entry, sort_keys=True).encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def point_latest(out_dir: Path, job: str) -> None:
+    """``_report/latest`` -> ``<job>``, switched with one rename."""
+    root = out_dir / REPORT_DIR
+    tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(job, tmp)
+    os.replace(tmp, root / LATEST)
+
+
+def prune(out_dir: Path, history: list[dict[str, Any]], keep: int) -> None:
+    """Remove the folders of complete jobs older than the last ``keep``, and of jobs that never
+    completed and are older than all of those; the history stays whole."""
+    root = out_dir / REPORT_DIR
+    complete = [e["job"] for e in history if (root / e["job"]).is_dir()]
+    kept = complete[-keep:] if keep > 0 else complete
+    for job in complete[:-len(kept)] if kept else complete:
+        shutil.rmtree(root / job, ignore_errors=True)
+    oldest = min(((root / job).stat().st_mtime for job in kept), default=None)
+    for folder in root.iterdir():
+        if (folder.is_dir() and not folder.is_symlink() and not folder.name.startswith((".", "_"))
+                and folder.name not in complete and oldest is not None and folder.stat().st_mtime < oldest):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def fingerprint(partials: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(partials, sort_keys=True).encode()).hexdigest()
+
+
+def merge_job(out_dir: Path, job: str, count: int | None = None, rebuild: bool = False) -> Path | None:
+    """Merge a job's partials into its report, once per complete set: returns the job's folder, or
+    None while tasks are missing (``rebuild``: raise :class:`ReportError` naming them). A set already
+    merged is left alone unless ``rebuild``."""
+    folder = job_folder(out_dir, job)
+    with report_lock(out_dir):
+        partials, why = read_partials(folder, count)
+        if partials is None:
+            if rebuild:
+                raise ReportError(why)
+            if "damaged" in why:
+                log.warning("report of job %s not merged: %s", job, why)
+            return None
+        digest = fingerprint(partials)
+        summary_path = folder / "summary.json"
+        if not rebuild and summary_path.is_file():
+            try:
+                if json.loads(summary_path.read_text()).get("partials_sha256") == digest:
+                    return folder  # another task of this job merged this very set
+            except ValueError:
+                log.warning("%s is damaged: merging again", summary_path)
+        context = JobContext.from_dict(partials[-1]["context"])
+        stats, files = LabelStats(), {}
+        for partial in partials:
+            stats.merge(LabelStats.from_dict(partial["stats"]), context.settings.review_max)
+            for key, value in partial["files"].items():  # counts add up, lists of failed files join
+                files[key] = files.get(key, type(value)()) + value
+        history = read_history(out_dir)
+        order = [e["job"] for e in history]
+        before = order[:order.index(job)] if job in order else order
+        previous = history[len(before) - 1] if before else None
+        summary = build_summary(job, stats, files, partials, context, previous, digest)
+        review = review_table(stats.review)
+        entry = history_entry(summary)
+        trend = [*history[:len(before)], entry][-TREND_JOBS:]
+        write_atomic(folder / "review_queue.parquet", lambda tmp: pq.write_table(review, tmp))
+        page = render_html(summary, review, context.labels, trend, has_previous=previous is not None and
+                           (out_dir / REPORT_DIR / previous["job"] / "report.html").is_file())
+        write_atomic(folder / "report.html", lambda tmp: tmp.write_text(page))
+        write_json_atomic(summary_path, summary)  # last of the three: its presence says the report is whole
+        append_history(out_dir, entry)
+        if job not in order or order[-1] == job:  # a rebuilt older job does not move latest back
+            point_latest(out_dir, job)
+        prune(out_dir, read_history(out_dir), context.settings.report_keep)
+    tracking.log_label_report(folder, summary, review, context.tracking)
+    return folder
+
+
+TREND_JOBS = 14
+"""Jobs shown in the report's trend: two weeks of nights."""
+
+
+def history_entry(summary: dict[str, Any]) -> dict[str, Any]:
+    """The key figures of a job, one line of ``history.jsonl``."""
+    drift = summary["drift"]
+    return {"job": summary["job"], "written_at": summary["written_at"], "rows": summary["rows"],
+            "labeled": summary["labeled"], "by_label_status": summary["by_label_status"],
+            "failed_files": [f["file"] for f in summary["files"]["failed"]],
+            "rows_per_task_second": summary["rows_per_task_second"],
+            "low_confidence_share": summary["low_confidence"]["share"], "changed": summary["changes"]["rows"],
+            "drift_against_training": (drift["against_training"] or {}).get("jensen_shannon"),
+            "drift_against_previous": (drift["against_previous_job"] or {}).get("jensen_shannon"),
+            "drift_flagged": drift["flagged"], "previous_job": summary["previous_job"],
+            "labeled_by": summary["adapter"].get("labeled_by"), "partials_sha256": summary["partials_sha256"],
+            "label_counts": {k: v["count"] for k, v in summary["label_distribution"].items() if v["count"]}}
+
+
+def build_summary(job: str, stats: LabelStats, files: dict[str, Any], partials: list[dict[str, Any]],
+                  context: JobContext, previous: dict[str, Any] | None, digest: str) -> dict[str, Any]:
+    settings, labels, training = context.settings, context.labels, context.training
     task_seconds = sum(p["seconds"] for p in partials)
     summary = {
-        "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "job": job, "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "rows": stats.rows, "labeled": stats.labeled, "kept_earlier_label": stats.rows - stats.labeled,
         "by_label_status": stats.by_status, "files": files,
         "tasks": [{k: p[k] for k in ("shard", "job", "finished_at", "seconds")} for p in partials],
         "task_seconds": round(task_seconds, 1),
         "rows_per_task_second": round(stats.labeled / task_seconds, 1) if task_seconds else None,
-        "label_distribution": {label: {"count": stats.labels.get(label, 0),
-                                       "share": round(float(s), 4)} for label, s in
-                               zip(labels, shares(stats.labels, labels))},
+        "label_distribution": {label: {"count": stats.labels.get(label, 0), "share": round(float(s), 4),
+                                       **({"training_share": round(float(t), 4)} if training else {})}
+                               for label, s, t in zip(labels, shares(stats.labels, labels),
+                                                      shares(training["counts"] if training else {}, labels))},
         "confidence_histogram": {"bins": HISTOGRAM_BINS, "counts": stats.confidence_histogram},
+        "low_confidence": {"rows": stats.low_confidence, "below": settings.review_below,
+                           "share": round(stats.low_confidence / stats.labeled, 4) if stats.labeled else None},
         "changes": {"rows": stats.changed, "top_moves": dict(Counter(stats.moves).most_common(TOP_MOVES))},
         "review_queue": {"rows": len(stats.review), "max": settings.review_max, "below": settings.review_below},
-        "adapter": provenance,
+        "adapter": context.provenance,
         "training_label_distribution": training,
+        "previous_job": previous["job"] if previous else None,
         "drift": {
             "against_training": drift(stats.labels, training["counts"], labels, settings.drift_threshold)
             if training else None,
-            "against_previous_report": drift(stats.labels, {k: v["count"] for k, v in
-                                                            previous["label_distribution"].items()},
-                                             labels, settings.drift_threshold) if previous else None,
+            "against_previous_job": drift(stats.labels, previous["label_counts"], labels, settings.drift_threshold)
+            if previous else None,
         },
+        "partials_sha256": digest,
     }
     summary["drift"]["flagged"] = any(d and d["flagged"] for d in summary["drift"].values() if isinstance(d, dict))
     return summary
@@ -236,226 +439,29 @@ def review_table(review: list[dict[str, Any]]) -> pa.Table:
     return pa.table(columns)
 
 
-def write_report(out_dir: Path, summary: dict[str, Any], review: pa.Table, labels: list[str]) -> Path:
-    """``summary.json``, ``review_queue.parquet`` and ``report.html``, each atomically."""
-    folder = out_dir / REPORT_DIR
-    write_atomic(folder / "review_queue.parquet", lambda tmp: pq.write_table(review, tmp))
-    write_atomic(folder / "report.html", lambda tmp: tmp.write_text(render_html(summary, review, labels)))
-    write_json_atomic(folder / "summary.json", summary)  # last: its presence says the report is whole
-    return folder
-
-
-def finish_job(out_dir: Path, shard: tuple[int, int], file_stats: list[LabelStats], failed: list[dict[str, str]],
-               labeled_files: int, skipped_files: int, seconds: float, labels: list[str], provenance: dict[str, Any],
-               run_dir: Path, settings: LabelConfig, recipe: Recipe) -> Path | None:
-    """Write this task's partial; if it completes the set, the report. Returns the report folder,
-    or None while other tasks of the array are still running."""
+def finish_job(out_dir: Path, job: str, shard: tuple[int, int], file_stats: list[LabelStats],
+               files: dict[str, Any], seconds: float, context: JobContext) -> Path | None:
+    """Write this task's partial (``files``: files labeled, skipped and failed, rows resumed and
+    failed); if it completes its job's set, merge the report. Returns the job's report folder, or
+    None while other tasks of the job are still running."""
     stats = LabelStats()
     for one in file_stats:
-        stats.merge(one, settings.review_max)
-    write_partial(out_dir, shard, stats, failed, seconds, skipped_files, labeled_files)
-    partials = complete_partials(out_dir, shard[1])
-    if partials is None:
-        return None
-    merged, files = merge_partials(partials, settings.review_max)
-    training_path, previous_path = run_dir / "label_distribution.json", out_dir / REPORT_DIR / "summary.json"
-    training = json.loads(training_path.read_text()) if training_path.is_file() else None
-    previous = json.loads(previous_path.read_text()) if previous_path.is_file() else None
-    summary = build_summary(merged, files, partials, labels, provenance, training, previous, settings)
-    review = review_table(merged.review)
-    folder = write_report(out_dir, summary, review, labels)
-    tracking.log_label_report(folder, summary, review, recipe)
+        stats.merge(one, context.settings.review_max)
+    write_partial(out_dir, job, shard, stats, files, seconds, context)
+    return merge_job(out_dir, job, count=shard[1])
+
+
+def rebuild_report(out_dir: Path, job: str | None = None) -> Path:
+    """``catalog-tuner report``: merge a job's partials again (by default the job whose report folder
+    changed last), without relabeling: after a failed merge, a rerun shard, or to redraw the HTML."""
+    root = out_dir / REPORT_DIR
+    if job is None:
+        folders = [f for f in root.glob("*/partial") if not f.parent.is_symlink()] if root.is_dir() else []
+        if not folders:
+            raise ReportError(f"{root}: no labeling job's partials here")
+        job = max(folders, key=lambda f: max(p.stat().st_mtime for p in [f, *f.iterdir()])).parent.name
+    if not (root / job).is_dir():
+        raise ReportError(f"{root / job}: no such job")
+    folder = merge_job(out_dir, job, rebuild=True)
+    assert folder is not None  # rebuild raises instead
     return folder
-
-
-# --- report.html -----------------------------------------------------------------------------
-
-
-def _png(fig) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def charts(summary: dict[str, Any], labels: list[str]) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    result = {}
-    by_count = sorted(labels, key=lambda label: -summary["label_distribution"][label]["count"])
-    shown = labels if len(labels) <= 40 else by_count[:40]
-    fig, ax = plt.subplots(figsize=(8, 0.22 * len(shown) + 1.2))
-    y = np.arange(len(shown))
-    ax.barh(y - 0.2, [summary["label_distribution"][l]["share"] for l in shown], height=0.4, label="this catalog")
-    training = summary.get("training_label_distribution")
-    if training:
-        reference = shares(training["counts"], labels)
-        ax.barh(y + 0.2, [reference[labels.index(l)] for l in shown], height=0.4, label="training split")
-    ax.set_yticks(y, shown, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("share of rows")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    result["labels"] = _png(fig)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 2.6))
-    counts = summary["confidence_histogram"]["counts"]
-    ax.bar(np.arange(len(counts)) / len(counts), counts, width=1 / len(counts), align="edge", edgecolor="white")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("rows")
-    ax.set_xlim(0, 1)
-    fig.tight_layout()
-    result["confidence"] = _png(fig)
-    plt.close(fig)
-    return result
-
-
-STYLE = """
-body{font-family:system-ui,sans-serif;margin:24px;max-width:1100px;color:#222}
-h1{font-size:22px}h2{font-size:17px;margin-top:28px}
-table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
-.scroll{max-width:100%;overflow-x:auto}.flag{color:#b00020;font-weight:bold}.ok{color:#1b7f3b}
-img{max-width:100%;height:auto}td.name{max-width:420px;overflow-wrap:anywhere}
-"""
-
-
-def _table(header: list[str], rows: list[list[Any]], name_column: int | None = None) -> str:
-    def cell(i: int, value: Any) -> str:
-        text = html.escape("" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value))
-        return f'<td class="name">{text}</td>' if i == name_column else f"<td>{text}</td>"
-
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(cell(i, v) for i, v in enumerate(row)) + "</tr>" for row in rows)
-    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
-
-
-def render_html(summary: dict[str, Any], review: pa.Table, labels: list[str], review_rows: int = 50) -> str:
-    images = charts(summary, labels)
-    drift_rows = []
-    for name, d in summary["drift"].items():
-        if isinstance(d, dict):
-            moved = ", ".join(f"{m['label']} {m['reference_share']:.1%} -> {m['share']:.1%}"
-                              for m in d["moved_most"][:3])
-            drift_rows.append([name.replace("_", " "), d["jensen_shannon"], d["threshold"],
-                               "FLAGGED" if d["flagged"] else "normal", moved])
-    flag = ('<span class="flag">drift flagged</span>' if summary["drift"]["flagged"]
-            else '<span class="ok">no drift flagged</span>')
-    failed = summary["files"]["failed"]
-    queue = review.slice(0, review_rows).to_pylist()
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>catalog-tuner labeling report</title>
-<style>{STYLE}</style></head><body>
-<h1>Labeling report: {html.escape(summary['written_at'])}</h1>
-<p>{summary['rows']:,} rows; {summary['labeled']:,} labeled, {summary['kept_earlier_label']:,} kept an
-earlier label. Files: {summary['files']['labeled']} labeled, {summary['files']['skipped']} already done,
-{len(failed)} failed. Adapter <code>{html.escape(str(summary['adapter'].get('labeled_by')))}</code>. {flag}.</p>
-{_table(["label status", "rows"], [[k, v] for k, v in summary["by_label_status"].items()])}
-<h2>Drift</h2>
-{_table(["against", "Jensen-Shannon", "threshold", "verdict", "moved most"], drift_rows) if drift_rows
- else "<p>No reference distribution.</p>"}
-<h2>Label distribution</h2><img alt="label shares" src="{images['labels']}">
-<h2>Confidence of the labels given tonight</h2><img alt="confidence histogram" src="{images['confidence']}">
-<h2>Changes</h2><p>{summary['changes']['rows']:,} rows changed label.</p>
-{_table(["move", "rows"], [[k, v] for k, v in summary["changes"]["top_moves"].items()])}
-<h2>Review queue (first {min(review_rows, review.num_rows)} of {review.num_rows})</h2>
-{_table(["id", "name", "label", "confidence", "status", "2nd label", "2nd prob.", "source", "row"],
-        [[r["id"], r["name"], r["label"], r["confidence"], r["label_status"], r["top2_label"],
-          r["top2_probability"], Path(r["source"]).name, r["row"]] for r in queue], name_column=1)}
-<h2>Failed files</h2>
-{_table(["file", "reason"], [[f["file"], f["reason"]] for f in failed]) if failed else "<p>None.</p>"}
-<h2>Tasks</h2>
-{_table(["shard", "job", "finished", "seconds"], [[t["shard"], t["job"], t["finished_at"], t["seconds"]]
-                                                  for t in summary["tasks"]])}
-</body></html>
-"""
-
-
-# --- the sweep's report ----------------------------------------------------------------------
-
-
-def sweep_charts(sweep_dir: Path, ranked: list[dict[str, Any]], parameters: list[str], metric: str) -> dict[str, str]:
-    """A parallel-coordinates chart (each swept parameter, then the validation metric; one line per
-    finished run, coloured by the metric) and every run's training-loss curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    finished = [r for r in ranked if r["status"] == "ok"]
-    axes = [*parameters, f"validation_{metric}"]
-    result = {}
-    if finished and axes:
-        fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(axes)), 3.6))
-        positions = {}
-        for name in axes:  # each axis scaled to [0, 1]; categories spread evenly in sorted order
-            values = [r.get(name) for r in finished]
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                low, high = min(values), max(values)
-                positions[name] = [(v - low) / (high - low) if high > low else 0.5 for v in values]
-                labels = [f"{low:.3g}", f"{high:.3g}"]
-            else:
-                kinds = sorted({str(v) for v in values})
-                positions[name] = [kinds.index(str(v)) / max(1, len(kinds) - 1) for v in values]
-                labels = [kinds[0], kinds[-1]]
-            ax.text(axes.index(name), -0.12, labels[0], ha="center", fontsize=7)
-            ax.text(axes.index(name), 1.06, labels[-1], ha="center", fontsize=7)
-        scores = positions[axes[-1]]
-        colours = plt.cm.viridis(scores)
-        for i, run in enumerate(finished):
-            ax.plot(range(len(axes)), [positions[a][i] for a in axes], color=colours[i], marker="o", label=run["run"])
-        ax.set_xticks(range(len(axes)), axes, fontsize=8, rotation=15)
-        ax.set_yticks([])
-        ax.set_ylim(-0.2, 1.15)
-        for x in range(len(axes)):
-            ax.axvline(x, color="grey", linewidth=0.6)
-        if len(finished) <= 12:
-            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-        fig.tight_layout()
-        result["parallel"] = _png(fig)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    for run in ranked:
-        log_path = sweep_dir / "runs" / run["run"] / "train_log.json"
-        if log_path.is_file():
-            points = [(h["step"], h["loss"]) for h in json.loads(log_path.read_text()) if "loss" in h]
-            if points:
-                ax.plot(*zip(*points), label=run["run"])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    if ax.lines and len(ax.lines) <= 12:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    if ax.lines:  # runs shorter than train.logging_steps log no loss
-        result["loss"] = _png(fig)
-    plt.close(fig)
-    return result
-
-
-def write_sweep_report(sweep_dir: Path, ranked: list[dict[str, Any]], parameters: list[str], metric: str,
-                       promoted: dict[str, Any] | None) -> Path:
-    """SWEEP_DIR/sweep_report.html: the leaderboard, parameters against the metric, loss curves."""
-    images = sweep_charts(sweep_dir, ranked, parameters, metric)
-    columns = ["rank", "run", "status", f"validation_{metric}", f"baseline_validation_{metric}",
-               f"test_{metric}", "train_runtime_s", *parameters]
-    verdict = (f"Promoted <b>{html.escape(promoted['run'])}</b> on validation_{metric} = {promoted['value']:.4f}"
-               + (f"; its test {metric}: {promoted['test'][metric]:.4f}" if promoted.get("test") else "")
-               if promoted else "No run finished: nothing promoted.")
-    parallel = (f'<h2>Parameters against validation {metric}</h2><img alt="parallel coordinates" '
-                f'src="{images["parallel"]}">' if "parallel" in images else "")
-    title = html.escape(sweep_dir.name)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}: sweep report</title>
-<style>{STYLE}</style></head><body>
-<h1>Sweep {title}</h1><p>{verdict}. Runs are ranked on validation; test is scored once,
-for the promoted run.</p>
-<h2>Leaderboard</h2>
-{_table(columns, [[r.get(c) for c in columns] for r in ranked])}
-{parallel}
-<h2>Training loss</h2>{f'<img alt="loss curves" src="{images["loss"]}">' if "loss" in images else
-                        "<p>No run logged a loss (runs shorter than train.logging_steps).</p>"}
-</body></html>
-"""
-    path = sweep_dir / "sweep_report.html"
-    write_atomic(path, lambda tmp: tmp.write_text(page))
-    return path

@@ -300,7 +300,7 @@ def run_sweep(sweep_path: str, recipe_path: str, output: str, executor_kind: str
         ranked = leaderboard(sweep_dir, names, configs, spec.metric, spec.goal, logs)
         write_decision(sweep_dir, decision)
     swept = [k for k in configs[0] if len({json.dumps(c.get(k)) for c in configs}) > 1] or list(configs[0])
-    from pipeline.report import write_sweep_report
+    from pipeline.sweep_report import write_sweep_report
 
     write_sweep_report(sweep_dir, ranked, swept, spec.metric, decision)
     tracking.log_sweep_summary(sweep_dir, group, recipe.tracking.project, ranked, swept, spec.metric)

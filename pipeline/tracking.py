@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.config import Recipe
+from pipeline.config import Recipe, TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +100,18 @@ def log_sweep_summary(sweep_dir: Path, group: str, project: str, ranked: list[di
 
 
 @best_effort
-def log_label_report(report_dir: Path, summary: dict[str, Any], review: Any, recipe: Recipe) -> Path | None:
+def log_label_report(report_dir: Path, summary: dict[str, Any], review: Any,
+                     settings: TrackingConfig) -> Path | None:
     """The labeling report as one W&B run (``job_type=label``) when the adapter's recipe tracks to
-    W&B and wandb is installed: the summary's figures, the confidence histogram, the label
-    distribution and the review queue as tables. Offline unless WANDB_MODE says otherwise."""
-    if not recipe.tracking.wandb or importlib.util.find_spec("wandb") is None:
+    W&B (``settings``: its ``tracking`` section) and wandb is installed: the summary's figures, the
+    confidence histogram, the label distribution and the review queue as tables.
+    Offline unless WANDB_MODE says otherwise."""
+    if not settings.wandb or importlib.util.find_spec("wandb") is None:
         return None
     import numpy as np
     import wandb
 
-    run = wandb.init(project=recipe.tracking.project, group=recipe.tracking.group, job_type="label",
+    run = wandb.init(project=settings.project, group=settings.group, job_type="label",
                      dir=str(report_dir), mode=os.environ.get("WANDB_MODE", "offline"),
                      config={"adapter": summary["adapter"].get("labeled_by")})
     counts = summary["confidence_histogram"]["counts"]

@@ -41,6 +41,7 @@ from pipeline.model import (
     resolve_compute_dtype,
     train_device,
 )
+from pipeline.progress import LOG_INTERVAL_S, on_terminal
 from pipeline.scoring import completion_texts
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,38 @@ class NoPickledArguments(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin").unlink(missing_ok=True)
         return control
+
+
+class StepLines(TrainerCallback):
+    """Off a terminal (a Slurm ``.out`` file), where the trainer's bar is off (:func:`sft_config`):
+    one log line every ``LOG_INTERVAL_S`` seconds and at the end, with the step, the last logged
+    loss, the time a step takes and the time left."""
+
+    def __init__(self) -> None:
+        self.started, self.first_step, self.last_line, self.loss = 0.0, 0, 0.0, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = self.last_line = time.monotonic()
+        self.first_step = state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.loss = (logs or {}).get("loss", self.loss)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self.last_line >= LOG_INTERVAL_S:
+            self.line(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.line(state)
+
+    def line(self, state: TrainerState) -> None:
+        self.last_line = time.monotonic()
+        done = state.global_step - self.first_step
+        per_step = (self.last_line - self.started) / done if done else 0.0
+        loss = f"{self.loss:.4f}" if isinstance(self.loss, float) else "-"
+        log.info("training: step %d/%d (%.0f%%), loss %s, %.2f s/step, %.0f s left", state.global_step,
+                 state.max_steps, 100 * state.global_step / max(1, state.max_steps), loss, per_step,
+                 per_step * (state.max_steps - state.global_step))
 
 
 def project_labelled_positions_only() -> None:
@@ -213,6 +246,7 @@ def sft_config(recipe: Recipe, run: Path, device: str) -> SFTConfig:
         max_length=t.max_length,
         completion_only_loss=True,
         report_to=tracking.report_to(recipe, run),
+        disable_tqdm=not on_terminal(),  # a log file gets StepLines instead
         run_name=recipe.tracking.run_name or run.name,
     )
 
@@ -299,7 +333,7 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_lora_config(recipe.lora),
-        callbacks=[stopper, NoPickledArguments(), *(callbacks or [])],
+        callbacks=[stopper, NoPickledArguments(), *([] if on_terminal() else [StepLines()]), *(callbacks or [])],
     )
     stopper.trainer = trainer
     compute_dtype = resolve_compute_dtype(recipe.model.bnb_4bit_compute_dtype, device)

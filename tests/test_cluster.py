@@ -250,7 +250,8 @@ def test_labeling_array_covers_every_row_once(cluster, tmp_path, catalog, adapte
     assert sorted(ids) == list(range(CATALOG_ROWS))
     assert len(list((out / "_manifest").glob("*.json"))) >= 3
     # whichever array task finished last merged the three partial reports into one
-    summary = json.loads((out / "_report" / "summary.json").read_text())
+    summary = json.loads((out / "_report" / job / "summary.json").read_text())
+    assert (out / "_report" / "latest").resolve() == (out / "_report" / job).resolve()
     assert summary["rows"] == CATALOG_ROWS and sorted(t["shard"] for t in summary["tasks"]) == ["0/3", "1/3", "2/3"]
 
 

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.atomic import sha256_file
 from pipeline.errors import ModelError
 from pipeline.label import (
     OUTPUT_COLUMNS,
@@ -24,7 +25,6 @@ from pipeline.label import (
     plan,
 )
 from pipeline.model import cpu_has_native_bf16
-from pipeline.predict import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,8 @@ def test_rerun_skips_finished_files(adapter_run, catalog, tmp_path):
 def test_shards_cover_every_row_exactly_once(adapter_run, catalog, tmp_path, count):
     out = tmp_path / "out"
     for index in range(count):
-        label_catalogs(adapter_run, [str(catalog)], out, shard=f"{index}/{count}", progress=False)
+        label_catalogs(adapter_run, [str(catalog)], out, shard=f"{index}/{count}", job="1",
+                       progress=False)
     expected = sorted(pq.read_table(catalog / n).column("product_id").to_pylist()
                       for n in ("a.parquet", "sub/b.parquet", "c.parquet"))
     got = _read_outputs(out)["product_id"].tolist()
@@ -230,9 +231,10 @@ def test_an_interrupted_file_resumes_from_its_last_committed_batch(adapter_run, 
     labeled, expected = pq.read_table(out / "a.parquet"), pq.read_table(reference / "a.parquet")
     assert _without_time(labeled).equals(_without_time(expected))
     assert len(set(labeled.column("labeled_at").to_pylist())) == 1  # one job, one time stamp per file
-    assert not [p for p in out.rglob("*") if ".tmp-" in p.name] and not list((out / "_partial").rglob("*"))
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert not [p for p in (out / "_partial").rglob("*") if p.suffix != ".lock"]  # parts gone, locks stay
     # The review queue's runners-up come from the labeling pass, for the resumed batches too.
-    queue = pd.read_parquet(out / "_report" / "review_queue.parquet")
+    queue = pd.read_parquet(out / "_report" / "latest" / "review_queue.parquet")
     assert (queue["row"] < before_last_run).any() and (queue["row"] >= before_last_run).any()
     assert (queue["top1_label"] == queue["label"]).all() and queue["top3_label"].notna().all()
     assert queue["top1_probability"].to_numpy() == pytest.approx(queue["confidence"].to_numpy(), abs=1e-3)
@@ -250,10 +252,10 @@ def test_overlapping_preparation_and_commits_with_the_model_changes_no_output(ad
     for name in ("a.parquet", "sub/b.parquet", "c.parquet"):
         overlapped, serial = (pq.read_table(jobs[o] / name) for o in ("true", "false"))
         assert _without_time(overlapped).equals(_without_time(serial)), name
-    queues = [pd.read_parquet(jobs[o] / "_report" / "review_queue.parquet") for o in ("true", "false")]
+    queues = [pd.read_parquet(jobs[o] / "_report" / "latest" / "review_queue.parquet") for o in ("true", "false")]
     assert len(queues[0]) > 0
     pd.testing.assert_frame_equal(*queues)
-    summaries = [json.loads((jobs[o] / "_report" / "summary.json").read_text()) for o in ("true", "false")]
+    summaries = [json.loads((jobs[o] / "_report" / "latest" / "summary.json").read_text()) for o in ("true", "false")]
     assert summaries[0]["rows"] == summaries[1]["rows"] == 331
     assert summaries[0]["label_distribution"] == summaries[1]["label_distribution"]
 

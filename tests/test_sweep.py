@@ -111,7 +111,7 @@ def test_sweep_report_and_wandb_summary(tmp_path, monkeypatch):
     summary run is written offline in the sweep's group."""
     import shutil
 
-    from pipeline.report import write_sweep_report
+    from pipeline.sweep_report import write_sweep_report
     from pipeline.tracking import log_sweep_summary
 
     names = ["s-000", "s-001", "s-002"]

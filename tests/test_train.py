@@ -271,6 +271,8 @@ def test_two_process_ddp_on_cpu(tmp_path, data_dir, base_model_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train_steps"] == 2 and metrics["train_samples"] == 2 * 4 * 2  # both processes' batches
+    # stderr is a file here, as in a Slurm job: whole lines, no bar redrawn with carriage returns
+    assert "\r" not in result.stderr and "training: step 2/2 (100%)" in result.stderr, result.stderr[-3000:]
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and metrics["test"]["n_eval"] == 16
 
 
