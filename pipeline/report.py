@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -306,18 +307,25 @@ def point_latest(out_dir: Path, job: str) -> None:
     os.replace(tmp, root / LATEST)
 
 
+STALE_AFTER_S = 24 * 3600
+"""A job folder without a report, untouched for this long, is a job that never completed."""
+
+
 def prune(out_dir: Path, history: list[dict[str, Any]], keep: int) -> None:
     """Remove the folders of complete jobs older than the last ``keep``, and of jobs that never
-    completed and are older than all of those; the history stays whole."""
+    completed: older than all of those and untouched for a day (a job still running keeps its
+    partials whatever ``keep`` is); the history stays whole."""
     root = out_dir / REPORT_DIR
     complete = [e["job"] for e in history if (root / e["job"]).is_dir()]
     kept = complete[-keep:] if keep > 0 else complete
-    for job in complete[:-len(kept)] if kept else complete:
+    for job in complete[:len(complete) - len(kept)]:
         shutil.rmtree(root / job, ignore_errors=True)
     oldest = min(((root / job).stat().st_mtime for job in kept), default=None)
+    stale = time.time() - STALE_AFTER_S
     for folder in root.iterdir():
         if (folder.is_dir() and not folder.is_symlink() and not folder.name.startswith((".", "_"))
-                and folder.name not in complete and oldest is not None and folder.stat().st_mtime < oldest):
+                and folder.name not in complete and oldest is not None
+                and folder.stat().st_mtime < min(oldest, stale)):
             shutil.rmtree(folder, ignore_errors=True)
 
 

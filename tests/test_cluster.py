@@ -255,19 +255,87 @@ def test_labeling_array_covers_every_row_once(cluster, tmp_path, catalog, adapte
     assert summary["rows"] == CATALOG_ROWS and sorted(t["shard"] for t in summary["tasks"]) == ["0/3", "1/3", "2/3"]
 
 
-def test_nightly_job_queues_its_next_run(cluster, tmp_path, catalog, adapter_run):
-    env = {**cluster, "CATALOG_TUNER_ADAPTER": str(adapter_run), "NIGHTLY_AT": "now+1hour", "NIGHTLY_ARRAY": "0-1",
-           "NIGHTLY_LOGS": str(tmp_path)}
-    job = sbatch(env, f"--output={tmp_path}/nightly-%j.out", "slurm/nightly.sh", str(catalog), str(tmp_path / "out"))
-    assert wait(cluster, job) == {job: "COMPLETED"}
-    log = next(tmp_path.glob("nightly-*.out")).read_text()
+def nightly(env, tmp_path: Path, catalog: Path, out: Path, *options: str) -> str:
+    """One night: slurm/nightly.sh queues its next run and submits the labeling array; returns the
+    array's job id once its tasks are done (the next run is cancelled)."""
+    logs = tmp_path / f"night-{len(list(tmp_path.glob('night-*')))}"
+    logs.mkdir()
+    job = sbatch({**env, "NIGHTLY_LOGS": str(logs)}, f"--output={logs}/nightly-%j.out", "slurm/nightly.sh",
+                 str(catalog), str(out), *options)
+    assert wait(env, job) == {job: "COMPLETED"}
+    log = next(logs.glob("nightly-*.out")).read_text()
     following = re.search(r"next nightly run: job (\d+)", log).group(1)
     queued = subprocess.run(["squeue", "-h", "-j", following, "-o", "%j|%T|%r"], capture_output=True, text=True,
-                            env=cluster).stdout.strip()
+                            env=env).stdout.strip()
     assert queued == "catalog-nightly|PENDING|BeginTime"
+    subprocess.run(["scancel", following], env=env, check=True)
     labeling = log.strip().splitlines()[-1]
-    assert wait(cluster, labeling) == {f"{labeling}_0": "COMPLETED", f"{labeling}_1": "COMPLETED"}
-    subprocess.run(["scancel", following], env=cluster, check=True)
+    wait(env, labeling)
+    return labeling
+
+
+def test_two_nights_each_report_their_own_rows_and_a_requeued_shard_leaves_one_report(cluster, tmp_path, catalog,
+                                                                                     adapter_run, data_dir):
+    """Night 1 labels the catalog with a 2-task array; night 2 (3 tasks) gets a new file and renamed
+    products (their labels cleared), labels only those (--only-missing), and the tasks labeling are
+    requeued (SIGTERM: each commits and exits, Slurm reruns it). Each night's report counts its own rows."""
+    env = {**cluster, "CATALOG_TUNER_ADAPTER": str(adapter_run), "NIGHTLY_AT": "now+1hour", "NIGHTLY_ARRAY": "0-1"}
+    out = tmp_path / "labeled"
+    first = nightly(env, tmp_path, catalog, out)
+    assert sacct(env, first) == {f"{first}_0": "COMPLETED", f"{first}_1": "COMPLETED"}
+    night1 = json.loads((out / "_report" / first / "summary.json").read_text())
+    assert night1["rows"] == night1["labeled"] == CATALOG_ROWS and night1["previous_job"] is None
+
+    # Night 2's catalog: last night's outputs, 10 products renamed (labels cleared), and a new file.
+    tonight = tmp_path / "tonight"
+    tonight.mkdir()
+    names = pq.read_table(data_dir / "test.parquet").column("product_name").to_pylist()
+    for path in sorted(catalog.glob("*.parquet")):
+        table = pq.read_table(out / path.name)
+        if path.name == "part-0.parquet":
+            frame = table.to_pandas()
+            frame.loc[:9, "product_name"] = names[-10:]
+            frame.loc[:9, ["labeled_by"]] = None
+            table = pa.Table.from_pandas(frame, schema=table.schema, preserve_index=False)
+        pq.write_table(table, tonight / path.name, row_group_size=5)
+    pq.write_table(pa.table({"product_id": list(range(1000, 1060)), "product_name": names[-70:-10]}),
+                   tonight / "part-2.parquet", row_group_size=5)  # three files of 60 rows: one per task
+    before = pq.read_table(tonight / "part-0.parquet").column("department").to_pylist()[:10]
+
+    logs = tmp_path / "night-2"
+    logs.mkdir()
+    job = sbatch({**env, "NIGHTLY_LOGS": str(logs), "NIGHTLY_ARRAY": "0-2"}, f"--output={logs}/nightly-%j.out",
+                 "slurm/nightly.sh", str(tonight), str(out), "--rows-per-batch", "5", "--batch-size", "5")
+    assert wait(env, job) == {job: "COMPLETED"}
+    second = next(logs.glob("nightly-*.out")).read_text().strip().splitlines()[-1]
+    deadline = time.time() + 300
+    while not list((out / "_partial").glob("*/part-000001.parquet")):  # a task is labeling: requeue it
+        assert time.time() < deadline, sacct(env, second)
+        time.sleep(0.1)
+    running = [t for t, state in sacct(env, second).items() if state == "RUNNING"]
+    subprocess.run(["scontrol", "requeue", ",".join(running)], env=env, check=True)
+    subprocess.run(["scancel", re.search(r"next nightly run: job (\d+)",
+                                         next(logs.glob("nightly-*.out")).read_text()).group(1)], env=env)
+    assert wait(env, second) == {f"{second}_{i}": "COMPLETED" for i in range(3)}
+    attempts = subprocess.run(["sacct", "-n", "-P", "-X", "--duplicates", "-j", second, "-o", "State"],
+                              capture_output=True, text=True, env=env).stdout.split()
+    assert "REQUEUED" in attempts, attempts
+
+    night2 = json.loads((out / "_report" / second / "summary.json").read_text())
+    assert night2["rows"] == CATALOG_ROWS + 60 and night2["labeled"] == 70  # renamed and new rows only
+    assert {t["job"] for t in night2["tasks"]} == {second} and night2["previous_job"] == first
+    assert night2["drift"]["against_previous_job"] is not None
+    after = pq.read_table(out / "part-0.parquet").column("department").to_pylist()[:10]
+    assert night2["changes"]["rows"] == sum(a != b for a, b in zip(after, before))
+    ids = sorted(i for p in outputs(out) for i in pq.read_table(p).column("product_id").to_pylist())
+    assert ids == list(range(CATALOG_ROWS)) + list(range(1000, 1060))  # every row once, after the requeue
+    # One report for night 2, requeue or not; a task that finished, was requeued all the same and
+    # reran merged its job again, which appends a line for the same job (readers take the last).
+    history = [json.loads(line)["job"] for line in (out / "_report" / "history.jsonl").read_text().splitlines()]
+    assert list(dict.fromkeys(history)) == [first, second]
+    assert sorted(p.name for p in (out / "_report").iterdir() if p.is_dir() and not p.is_symlink()) == sorted(
+        [first, second])
+    assert (out / "_report" / "latest").resolve() == (out / "_report" / second).resolve()
 
 
 @pytest.mark.skipif(shutil.which("scrontab") is None, reason="this Slurm build ships no scrontab binary")

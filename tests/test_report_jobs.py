@@ -5,6 +5,7 @@ history, ``latest``, pruning, and ``catalog-tuner report``. Built from real part
 import json
 import multiprocessing
 import os
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -73,27 +74,33 @@ def test_a_rerun_shard_updates_its_own_job_and_latest_stays(tmp_path):
     assert len((out / "_report" / "history.jsonl").read_text().splitlines()) == 3  # append-only
 
 
-def _merge_at_once(out: str, barrier) -> None:
+def _merge_at_once(out: str, job: str, barrier) -> None:
     barrier.wait()
-    merge_job(Path(out), "300", count=2)
+    merge_job(Path(out), job, count=2)
 
 
-def test_two_tasks_finishing_together_merge_once(tmp_path):
+def test_tasks_finishing_together_merge_each_job_once(tmp_path):
+    """Two tasks of job 300 and two of job 301 (a manual run beside the nightly one) merge at the
+    same instant into one OUT_DIR: each job is merged once and the history holds both."""
     out = tmp_path / "out"
-    for i in range(2):
-        task(out, "300", (i, 2), ["bakery"] * 3)
+    for job in ("300", "301"):
+        for i in range(2):
+            task(out, job, (i, 2), ["bakery"] * 3)
+        (out / "_report" / job / "summary.json").unlink()
     (out / "_report" / "history.jsonl").unlink()
-    (out / "_report" / "300" / "summary.json").unlink()
     context = multiprocessing.get_context("fork")
     barrier = context.Barrier(4)
-    processes = [context.Process(target=_merge_at_once, args=(str(out), barrier)) for _ in range(4)]
+    processes = [context.Process(target=_merge_at_once, args=(str(out), job, barrier))
+                 for job in ("300", "300", "301", "301")]
     for p in processes:
         p.start()
     for p in processes:
         p.join(60)
         assert p.exitcode == 0
-    assert len((out / "_report" / "history.jsonl").read_text().splitlines()) == 1
-    assert summary(out)["rows"] == 6
+    lines = [json.loads(line)["job"] for line in (out / "_report" / "history.jsonl").read_text().splitlines()]
+    assert sorted(lines) == ["300", "301"]
+    assert summary(out, "300")["rows"] == summary(out, "301")["rows"] == 6
+    assert os.readlink(out / "_report" / "latest") == lines[-1]
 
 
 def test_history_outlives_pruned_folders_and_damaged_lines_are_skipped(tmp_path, caplog):
@@ -101,10 +108,13 @@ def test_history_outlives_pruned_folders_and_damaged_lines_are_skipped(tmp_path,
     task(out, "1", (0, 1), ["bakery"])
     with open(out / "_report" / "history.jsonl", "a") as f:
         f.write('{"job": "cut sho')  # a line a full disk cut short
+    task(out, "0", (0, 2), ["bakery"])  # a job one of whose tasks never finished, two days ago
+    os.utime(out / "_report" / "0", (time.time() - 2 * 86400,) * 2)
+    task(out, "9", (0, 2), ["bakery"])  # a job whose other task is still running
     for job in ("2", "3"):
         task(out, job, (0, 1), ["bakery"], keep=2)
     assert sorted(p.name for p in (out / "_report").iterdir() if not p.name.startswith(".")) == [
-        "2", "3", "history.jsonl", "latest"]
+        "2", "3", "9", "history.jsonl", "latest"]
     assert [e["job"] for e in read_history(out)] == ["1", "2", "3"]
     assert "history.jsonl, line 2: damaged, skipped" in caplog.text
     assert os.readlink(out / "_report" / "latest") == "3"
