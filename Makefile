@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install slurm browser demo test test-fast gpu-bundle clean
+.PHONY: install slurm browser demo demo-cluster test test-fast gpu-bundle clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ demo: install
 	$(BIN)/catalog-tuner train --config jobs/recipes/instacart-smollm2.yaml --output runs/demo train.max_steps=240
 	$(BIN)/catalog-tuner label --adapter runs/demo --catalog data/instacart/to_label.parquet --output runs/demo-labeled
 	@echo "report: runs/demo-labeled/_report/latest/report.html (summary.json, review_queue.parquet)"
+
+# The cluster flow on a local Slurm cluster (root): sweep array -> promotion -> labeling array -> report.
+demo-cluster: install
+	BIN=$(BIN) slurm/demo-cluster.sh
 
 # Debian's Slurm, munge and MariaDB for the real-cluster tests (root only; they skip otherwise).
 slurm:

@@ -1,18 +1,23 @@
-"""What a run ships besides its adapter, fitted on the validation split only: a blend with the
-lexical model and a temperature.
+"""What a run ships, chosen on the validation split only: every shippable candidate competes, the
+cheapest wins a tie, and each gets its own temperature.
 
-- **Blend.** The adapter's label log-probabilities plus w x the decision values of the lexical
-  model (``pipeline.baseline``'s TF-IDF + linear SVM, fitted on the same training rows). The two
-  err on different rows: the SVM keeps one weight per word (a brand decides a department), the
-  model reads a name as a whole. w comes from a grid, chosen by validation accuracy (then
-  macro-F1); the blend is kept only if it beats the adapter alone on validation.
-- **Temperature.** One T for the shipped scores, softmax(scores / T), fitted by minimising the
-  negative log-likelihood of the validation labels, so that ``department_confidence`` means what
-  it says (expected calibration error is reported on test by ``evaluate``).
+- **Candidates**, cheapest first (``CANDIDATES``): ``lexical``, the TF-IDF + linear SVM of
+  ``pipeline.baseline`` fitted on the run's training rows, which labels without the language
+  model (tens of thousands of products a second on one core); ``adapter``, the tuned model's
+  label log-probabilities; ``blend``, those plus w x the lexical model's decision values (the two
+  err on different rows: the SVM keeps one weight per word, the model reads a name as a whole),
+  w chosen on validation from a grid.
+- **The choice.** The candidate with the best validation accuracy (then macro-F1), unless a
+  cheaper one is within the 95% paired-bootstrap interval of its accuracy: then the cheapest
+  of those ships. ``calibration.json`` says which rule decided.
+- **Temperature.** One T per candidate, softmax(scores / T), fitted by minimising the negative
+  log-likelihood of the validation labels, so that ``<level>_confidence`` means what it says.
 
-Written to RUN_DIR/calibration.json, with the lexical model as ``lexical.json`` +
-``lexical.safetensors`` (no pickle: run folders are shared). :class:`Calibration` applies it;
-``pipeline.predict`` loads it with the adapter, so evaluation and labeling both ship it.
+Written to RUN_DIR/calibration.json with every candidate's validation accuracy, macro-F1, ECE
+after its temperature and labeling speed; the lexical model, when it ships alone or in the blend,
+as ``lexical.json`` + ``lexical.safetensors`` (no pickle: run folders are shared).
+:class:`Calibration` applies it; ``pipeline.predict`` loads it, so evaluation and labeling ship
+the same thing, and a run that ships the lexical model loads no language model.
 """
 
 from __future__ import annotations
@@ -34,12 +39,15 @@ from pipeline.atomic import sha256_file, write_json_atomic
 from pipeline.config import Recipe
 from pipeline.data import read_split
 from pipeline.errors import DataError, ModelError
+from pipeline.metrics import paired_bootstrap
 from pipeline.scoring import Prediction, best_labels, blend_log_probs
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.json"
 LEXICAL_STEM = "lexical"
+CANDIDATES = ("lexical", "adapter", "blend")
+"""Every shippable candidate, cheapest to run first: a tie on validation goes to the earlier."""
 BLEND_WEIGHTS = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 40.0, 80.0, 160.0)
 """Tried against w=0 (the adapter alone): the SVM's decision values span a few units, the
 adapter's log-probabilities tens. The earlier study on test halves chose 5 and 12; the demo and
@@ -51,34 +59,45 @@ CONFIDENT = 0.9
 
 @dataclass
 class Calibration:
-    """How the adapter's label log-probabilities become the shipped labels and confidences."""
+    """How a run's scores become the shipped labels and confidences: the shipped candidate (the
+    adapter's label log-probabilities, the blend, or the lexical model alone) and its temperature."""
 
     labels: list[str]
     temperature: float = 1.0
     blend_weight: float = 0.0
+    shipped: str = "adapter"
+    """One of :data:`CANDIDATES`."""
     lexical: Any = None
-    """The fitted lexical model (a scikit-learn pipeline) when the blend is kept."""
+    """The fitted lexical model (a scikit-learn pipeline) when it ships, alone or in the blend."""
     lexical_sha256: str | None = None
     lexical_seconds: float = 0.0
     """Time spent in the lexical model so far, so labeling can report its share."""
 
+    @property
+    def needs_adapter(self) -> bool:
+        """Whether the shipped scores need the language model (not for the lexical model alone)."""
+        return self.shipped != "lexical"
+
     def offsets(self, names: list[str | None]) -> torch.Tensor:
-        """(names, labels): what the blend adds to the adapter's label log-probabilities, w x the
-        lexical model's decision values; zeros without a blend and for empty names."""
+        """(names, labels): the lexical model's part of the shipped scores, its decision values
+        (times w in the blend); zeros when the adapter ships alone, and for empty names."""
         out = torch.zeros((len(names), len(self.labels)))
         rows = [i for i, name in enumerate(names) if name is not None and str(name).strip()]
-        if self.blend_weight and rows:
+        if self.shipped != "adapter" and rows:
             start = time.perf_counter()
             decisions = baseline.decision_matrix(self.lexical, [str(names[i]) for i in rows], self.labels)
             self.lexical_seconds += time.perf_counter() - start
-            out[rows] = self.blend_weight * torch.from_numpy(decisions).float()
+            weight = self.blend_weight if self.shipped == "blend" else 1.0
+            out[rows] = weight * torch.from_numpy(decisions).float()
         return out
 
     def blended(self, log_probs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Uncalibrated shipped scores: the adapter's log-probabilities plus the blend's
-        ``offsets`` (:meth:`offsets` of the same names), when the blend is kept. Rows of NaN
-        (empty names) stay NaN."""
-        if not self.blend_weight:
+        """Uncalibrated shipped scores: the adapter's log-probabilities, plus the blend's
+        ``offsets`` (:meth:`offsets` of the same names) when the blend ships, or the offsets
+        alone when the lexical model ships alone. Rows of NaN (empty names) stay NaN."""
+        if self.shipped == "lexical":
+            return offsets + 0 * log_probs  # keeps the NaN rows of empty names
+        if self.shipped == "adapter":
             return log_probs
         return blend_log_probs(log_probs, offsets, 1.0)  # offsets carry the weight
 
@@ -98,7 +117,7 @@ class Calibration:
         return Prediction(labels, confidences, log_probs, prediction.statuses)
 
     def describe(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "blend_weight": self.blend_weight,
+        return {"shipped": self.shipped, "temperature": self.temperature, "blend_weight": self.blend_weight,
                 "lexical_sha256": self.lexical_sha256}
 
 
@@ -107,18 +126,35 @@ def lexical_sha256(run_dir: Path) -> str:
     return sha256_file(*(run_dir / f"{LEXICAL_STEM}{suffix}" for suffix in (".json", ".safetensors")))
 
 
-def load(run_dir: Path, labels: list[str]) -> Calibration | None:
-    """The run's calibration, or None for a run fitted without one (no validation rows)."""
+def shipped_candidate(run_dir: Path) -> str | None:
+    """What RUN_DIR ships (one of :data:`CANDIDATES`), from calibration.json alone; None without one.
+    A file written before candidates competed says whether its blend was kept."""
     path = run_dir / CALIBRATION_FILE
     if not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text())
-        calibration = Calibration(labels, temperature=float(saved["temperature"]),
-                                  blend_weight=float(saved["blend"]["weight"] if saved["blend"]["kept"] else 0.0))
+        shipped = saved.get("shipped") or ("blend" if saved["blend"]["kept"] else "adapter")
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{path}: not a calibration file ({exc})") from exc
-    if calibration.blend_weight:
+    if shipped not in CANDIDATES:
+        raise ModelError(f"{path}: shipped is {shipped!r}, not one of {', '.join(CANDIDATES)}")
+    return shipped
+
+
+def load(run_dir: Path, labels: list[str]) -> Calibration | None:
+    """The run's calibration, or None for a run fitted without one (no validation rows)."""
+    shipped = shipped_candidate(run_dir)
+    if shipped is None:
+        return None
+    path = run_dir / CALIBRATION_FILE
+    try:
+        saved = json.loads(path.read_text())
+        calibration = Calibration(labels, temperature=float(saved["temperature"]), shipped=shipped,
+                                  blend_weight=float(saved["blend"]["weight"]) if shipped == "blend" else 0.0)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path}: not a calibration file ({exc})") from exc
+    if shipped != "adapter":
         calibration.lexical = baseline.load(run_dir, LEXICAL_STEM)["model"]
         calibration.lexical_sha256 = lexical_sha256(run_dir)
     return calibration
@@ -205,22 +241,45 @@ def _accuracy_and_f1(truth: np.ndarray, predicted: np.ndarray) -> tuple[float, f
 
 
 def choose_blend(log_probs: torch.Tensor, decisions: torch.Tensor, truth: torch.Tensor,
-                 weights: tuple[float, ...] = BLEND_WEIGHTS) -> tuple[float, bool, dict[str, dict[str, float]]]:
-    """The weight with the best validation accuracy (then macro-F1, then the smaller weight) among
-    w=0 (the adapter alone) and ``weights``: the blend is kept when that is not w=0, that is when it
-    beats the adapter alone on validation. Also every weight's figures."""
+                 weights: tuple[float, ...] = BLEND_WEIGHTS) -> tuple[float, dict[str, dict[str, float]]]:
+    """The blend's weight: the best validation accuracy (then macro-F1, then the smaller weight)
+    among ``weights``; also every weight's figures, w=0 (the adapter alone) among them."""
     grid = {}
     for weight in (0.0, *weights):
         predicted = blend_log_probs(log_probs, decisions, weight).argmax(-1).numpy()
         accuracy, macro_f1 = _accuracy_and_f1(truth.numpy(), predicted)
         grid[str(float(weight))] = {"accuracy": round(accuracy, 4), "macro_f1": round(macro_f1, 4)}
-    best = max((0.0, *weights), key=lambda w: (grid[str(float(w))]["accuracy"], grid[str(float(w))]["macro_f1"], -w))
-    return float(best), best > 0, grid
+    best = max(weights, key=lambda w: (grid[str(float(w))]["accuracy"], grid[str(float(w))]["macro_f1"], -w))
+    return float(best), grid
+
+
+def choose_candidate(scores: dict[str, torch.Tensor], truth: torch.Tensor, labels: list[str]
+                     ) -> tuple[str, str, dict[str, Any]]:
+    """The candidate to ship among ``scores`` (name -> validation scores, names from
+    :data:`CANDIDATES`): the best validation accuracy (then macro-F1), unless a cheaper candidate
+    is within the 95% paired-bootstrap interval of the best's accuracy: then the cheapest of
+    those. Returns the choice, the rule that decided, and each candidate's bootstrap against the best."""
+    truth_labels = [labels[i] for i in truth.tolist()]
+    predicted = {name: [labels[i] for i in s.argmax(-1).tolist()] for name, s in scores.items()}
+    figures = {name: _accuracy_and_f1(truth.numpy(), s.argmax(-1).numpy()) for name, s in scores.items()}
+    best = max(scores, key=lambda name: (*figures[name], -CANDIDATES.index(name)))
+    versus = {name: paired_bootstrap(truth_labels, predicted[best], predicted[name], labels)
+              for name in scores if name != best}
+    tied = [name for name in scores if name == best or versus[name]["accuracy"]["low"] <= 0]
+    shipped = min(tied, key=CANDIDATES.index)
+    if shipped == best:
+        rule = f"{best}: the best validation accuracy" + (
+            ", and no cheaper candidate within the 95% paired-bootstrap interval of it" if len(scores) > 1 else "")
+    else:
+        rule = (f"{shipped}: within the 95% paired-bootstrap interval of {best}'s validation accuracy "
+                f"({versus[shipped]['accuracy']['difference']:+.4f} [{versus[shipped]['accuracy']['low']:+.4f}, "
+                f"{versus[shipped]['accuracy']['high']:+.4f}]), and cheaper to run: a tie goes to the cheapest")
+    return shipped, rule, versus
 
 
 def fit(run_dir: str | Path, recipe: Recipe, progress: bool = True) -> dict[str, Any]:
-    """Fit the blend and the temperature of a finished run on DATA_DIR/validation.parquet and write
-    RUN_DIR/calibration.json (plus the lexical model when the blend is kept)."""
+    """Score every candidate on DATA_DIR/validation.parquet, fit each one's temperature, choose the
+    one to ship and write RUN_DIR/calibration.json (plus the lexical model when it ships)."""
     from pipeline.predict import Predictor  # predict loads calibrations: import it late
 
     run = Path(run_dir)
@@ -237,38 +296,60 @@ def fit(run_dir: str | Path, recipe: Recipe, progress: bool = True) -> dict[str,
     truth = torch.tensor([column[d] for d in validation[level]])
 
     log.info("calibrating %s on %d validation rows", run, len(names))
-    adapter = predictor.predict(names, progress=progress, calibrated=False).log_probs
-    lexical, decisions = None, torch.zeros_like(adapter)
-    if recipe.eval.blend:  # the lexical model is fitted (or read from its cache) only to be tried
+    adapter_prediction = predictor.predict(names, progress=progress, calibrated=False)
+    adapter = adapter_prediction.log_probs
+    speed = {"adapter": len(names) / adapter_prediction.seconds if adapter_prediction.seconds else None}
+    scores: dict[str, torch.Tensor] = {"adapter": adapter}
+    lexical, best, grid = None, 0.0, None
+    allowed = [c for c in recipe.eval.candidates if recipe.eval.blend or c == "adapter"]
+    if "lexical" in allowed or "blend" in allowed:  # fitted (or read from its cache) only to be tried
         train_path = data_dir / "train.parquet"
         lexical = baseline.fitted(train_path, read_split(train_path, level=level), level)
+        start = time.perf_counter()
         decisions = torch.from_numpy(baseline.decision_matrix(lexical["model"], names, predictor.labels)).float()
+        speed["lexical"] = len(names) / (time.perf_counter() - start)
+        if "lexical" in allowed:
+            scores["lexical"] = decisions
+        if "blend" in allowed:
+            best, grid = choose_blend(adapter, decisions, truth)
+            scores["blend"] = blend_log_probs(adapter, decisions, best)
+            speed["blend"] = 1 / (1 / speed["adapter"] + 1 / speed["lexical"]) if speed["adapter"] else None
+    if "adapter" not in allowed and len(scores) > 1:
+        del scores["adapter"]  # scored all the same: the blend is built on it
+    shipped, rule, versus = choose_candidate(scores, truth, predictor.labels)
 
-    best, kept, grid = choose_blend(adapter, decisions, truth, BLEND_WEIGHTS if recipe.eval.blend else ())
-    scores = blend_log_probs(adapter, decisions, best) if kept else adapter
-    temperature = fit_temperature(scores, truth)
-    calibrated = (scores / temperature).log_softmax(-1)
-
-    if kept:  # the model before the file that names it
+    candidates = {}
+    for name, candidate in scores.items():
+        temperature = fit_temperature(candidate, truth)
+        accuracy, macro_f1 = _accuracy_and_f1(truth.numpy(), candidate.argmax(-1).numpy())
+        candidates[name] = {"accuracy": round(accuracy, 4), "macro_f1": round(macro_f1, 4),
+                            **confidence_report((candidate / temperature).log_softmax(-1), truth),
+                            "temperature": temperature,
+                            "products_per_s": round(speed[name], 1) if speed.get(name) else None,
+                            **({"blend_weight": best} if name == "blend" else {})}
+    temperature = candidates[shipped]["temperature"]
+    chosen = scores[shipped]
+    if shipped != "adapter":  # the model before the file that names it
         baseline.save(lexical, run, LEXICAL_STEM)
+    else:
+        for suffix in (".json", ".safetensors"):
+            (run / f"{LEXICAL_STEM}{suffix}").unlink(missing_ok=True)
     result = {
         "fitted_on": str(data_dir / "validation.parquet"),
         "n_validation": len(names),
         "fitted_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "blend": {"kept": kept, "weight": best, "weights_tried": grid,
+        "shipped": shipped,
+        "rule": rule,
+        "candidates": candidates,
+        "versus_best": versus,
+        "blend": {"kept": shipped == "blend", "weight": best if shipped == "blend" else 0.0, "weights_tried": grid,
                   "lexical": {"name": lexical["name"], "c": lexical["c"], "n_train": lexical["n_train"],
-                              "sha256": lexical_sha256(run) if kept else None} if lexical else None,
-                  "reason": (f"w={best} beats the adapter alone on validation" if kept else
-                             "no weight beats the adapter alone on validation" if recipe.eval.blend else
-                             "eval.blend is false")},
+                              "sha256": lexical_sha256(run) if shipped != "adapter" else None} if lexical else None},
         "temperature": temperature,
         "validation": {"adapter": confidence_report(adapter, truth),
-                       "shipped_before_temperature": confidence_report(scores.log_softmax(-1), truth),
-                       "shipped": confidence_report(calibrated, truth)},
+                       "shipped_before_temperature": confidence_report(chosen.log_softmax(-1), truth),
+                       "shipped": confidence_report((chosen / temperature).log_softmax(-1), truth)},
     }
     write_json_atomic(run / CALIBRATION_FILE, result)
-    if not kept:
-        for suffix in (".json", ".safetensors"):
-            (run / f"{LEXICAL_STEM}{suffix}").unlink(missing_ok=True)
-    log.info("blend %s (w=%s), temperature %.3f", "kept" if kept else "dropped", best, temperature)
+    log.info("ships %s (%s), temperature %.3f", shipped, rule, temperature)
     return result

@@ -144,8 +144,11 @@ class EvalConfig:
     baseline: bool = True
     """Report the TF-IDF + linear SVM baseline (``pipeline.baseline``) fitted on the same split."""
     blend: bool = True
-    """After training, try blending the adapter with that lexical model (``pipeline.calibrate``);
-    kept only where it beats the adapter alone on validation."""
+    """After training, try that lexical model, alone and blended with the adapter, against the
+    adapter alone (``pipeline.calibrate``); false tries the adapter alone."""
+    candidates: list[str] = field(default_factory=lambda: ["lexical", "adapter", "blend"])
+    """The shippable candidates that compete on validation (``pipeline.calibrate.CANDIDATES``);
+    e.g. ``[adapter, blend]`` to ship the language model whatever validation says."""
     splits: list[str] = field(default_factory=lambda: ["validation", "test"])
     """Splits of DATA_DIR scored after training, each a block of metrics.json. A sweep's tasks score
     validation only; the driver scores the promoted run on test, once."""

@@ -22,33 +22,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+from sklearn.metrics import confusion_matrix
 
 from pipeline import baseline, calibrate
 from pipeline.atomic import write_json_atomic
 from pipeline.config import Recipe
 from pipeline.data import read_labels, read_split
+from pipeline.metrics import classification_metrics, paired_bootstrap
 from pipeline.predict import Predictor, run_recipe
 
 log = logging.getLogger(__name__)
-
-
-def classification_metrics(truth: list[str], predicted: list[str], labels: list[str]) -> dict[str, Any]:
-    """Accuracy, macro-F1 over the labels present in truth or predictions, and per-label P/R/F1."""
-    present = [l for l in labels if l in set(truth) | set(predicted)]
-    report = classification_report(truth, predicted, labels=present, output_dict=True, zero_division=0)
-    return {
-        "accuracy": float(accuracy_score(truth, predicted)),
-        "macro_f1": float(f1_score(truth, predicted, labels=present, average="macro", zero_division=0)),
-        "n_eval": len(truth),
-        "per_label": {
-            l: {k: round(float(report[l][k]), 4) for k in ("precision", "recall", "f1-score", "support")}
-            for l in present
-        },
-    }
 
 
 def majority_baseline(train_departments: pd.Series, truth: list[str], labels: list[str]) -> dict[str, Any]:
@@ -74,38 +59,6 @@ def short_metrics(truth: list[str], predicted: list[str], labels: list[str]) -> 
             "per_label_f1": {label: m["f1-score"] for label, m in metrics["per_label"].items()}}
 
 
-def paired_bootstrap(truth: list[str], ours: list[str], theirs: list[str], labels: list[str],
-                     resamples: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
-    """The difference ours - theirs in accuracy and macro-F1, with its 95% interval from resampling
-    the same rows for both (paired), so that rows both get right or wrong do not widen it."""
-    index = {label: i for i, label in enumerate(labels)}
-    t, a, b = (np.array([index[x] for x in column]) for column in (truth, ours, theirs))
-    n, k = len(t), len(labels)
-    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=resamples)  # row weights
-
-    def accuracy(predicted: np.ndarray) -> np.ndarray:
-        return counts @ (predicted == t) / n
-
-    def macro_f1(predicted: np.ndarray) -> np.ndarray:
-        hit = (predicted == t)
-        true_positive = np.stack([counts @ (hit & (t == c)) for c in range(k)], 1)
-        truth_count = np.stack([counts @ (t == c) for c in range(k)], 1)
-        predicted_count = np.stack([counts @ (predicted == c) for c in range(k)], 1)
-        present = (truth_count + predicted_count) > 0
-        f1 = np.divide(2 * true_positive, truth_count + predicted_count,
-                       out=np.zeros_like(true_positive, dtype=float), where=present)
-        return (f1 * present).sum(1) / present.sum(1)
-
-    result = {}
-    for name, measure in (("accuracy", accuracy), ("macro_f1", macro_f1)):
-        differences = measure(a) - measure(b)
-        point = classification_metrics(truth, ours, labels)[name] - classification_metrics(truth, theirs, labels)[name]
-        low, high = np.percentile(differences, [2.5, 97.5])
-        result[name] = {"difference": round(float(point), 4), "low": round(float(low), 4),
-                        "high": round(float(high), 4)}
-    return result
-
-
 def plot_confusion(truth: list[str], predicted: list[str], labels: list[str], path: Path) -> None:
     import matplotlib
 
@@ -126,18 +79,19 @@ def plot_confusion(truth: list[str], predicted: list[str], labels: list[str], pa
 
 
 def format_table(metrics: dict[str, Any], split: str) -> str:
-    """The console summary of one split: what the run ships (the blend, when kept), the adapter
-    alone, the majority class and the baseline; then calibration and the bootstrap intervals."""
+    """The console summary of one split: what the run ships (the lexical model, the adapter or the
+    blend, and its ``labeled_by``), the adapter alone, the majority class and the baseline; then
+    calibration and the bootstrap intervals."""
     block = metrics[split]
     base = block["majority_class"]
     runtime = metrics.get("train_runtime_s")
     n = str(block["n_eval"])
     rows = [
         (f"{split} split", "accuracy", "macro-F1", "n", "train time"),
-        (block.get("predictor", "adapter"), f"{block['accuracy']:.4f}", f"{block['macro_f1']:.4f}", n,
-         f"{runtime / 60:.1f} min" if runtime is not None else "-"),
+        (f"shipped: {block.get('predictor', 'adapter')}", f"{block['accuracy']:.4f}", f"{block['macro_f1']:.4f}",
+         n, f"{runtime / 60:.1f} min" if runtime is not None else "-"),
     ]
-    if block.get("predictor") == "blend":
+    if block.get("predictor", "adapter") != "adapter":
         rows.append(("adapter alone", f"{block['adapter']['accuracy']:.4f}", f"{block['adapter']['macro_f1']:.4f}",
                      n, "-"))
     rows.append((f"majority ({base['label']})", f"{base['accuracy']:.4f}", f"{base['macro_f1']:.4f}", n, "-"))
@@ -147,6 +101,8 @@ def format_table(metrics: dict[str, Any], split: str) -> str:
                      f"{b['fit_seconds'] / 60:.1f} min"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    if block.get("labeled_by"):
+        lines.append(f"labels are written as labeled_by={block['labeled_by']}")
     calibration = block.get("calibration", {})
     if calibration.get("before"):
         before, after = calibration["before"], calibration["after"]
@@ -197,30 +153,35 @@ def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: R
     train = read_split(train_path, level=level) if train_path.is_file() else None
     train_targets = train[level] if train is not None else rows[level]
 
-    predictor = Predictor.from_run(run, recipe)
+    # The adapter is scored whatever ships, so that the table shows what it adds; the shipped
+    # scores are the calibration's candidate over the same rows.
+    predictor = Predictor.from_run(run, recipe, calibrated=False)
+    calibration = calibrate.load(run, labels)
     names = rows["product_name"].tolist()
     adapter = predictor.predict(names, progress, calibrated=False)  # calibration's, when it scored these rows
     start = time.perf_counter()
-    offsets = predictor.calibration.offsets(names) if predictor.calibration else None
-    shipped = predictor.calibration.apply(adapter, offsets) if predictor.calibration else adapter
-    seconds = adapter.seconds + time.perf_counter() - start
+    offsets = calibration.offsets(names) if calibration else None
+    shipped = calibration.apply(adapter, offsets) if calibration else adapter
+    seconds = (adapter.seconds if not calibration or calibration.needs_adapter else 0.0) + (
+        time.perf_counter() - start)
 
     truth = rows[level].tolist()
     block = classification_metrics(truth, shipped.labels, labels)
     block.update(
         eval_data=str(data_path),
         label_level=level,
-        predictor="blend" if predictor.calibration and predictor.calibration.blend_weight else "adapter",
+        predictor=calibration.shipped if calibration else "adapter",
+        labeled_by=predictor.identity["labeled_by"],
         scorer=predictor.scorer,
         eval_runtime_s=round(seconds, 2),
         eval_products_per_s=round(len(truth) / seconds, 1),
         majority_class=majority_baseline(train_targets, truth, labels),
     )
     truth_index = torch.tensor([labels.index(d) for d in truth])
-    if predictor.calibration:
+    if calibration:
         block["adapter"] = short_metrics(truth, adapter.labels, labels)
-        uncalibrated = predictor.calibration.blended(adapter.log_probs, offsets).log_softmax(-1)
-        block["calibration"] = {"temperature": predictor.calibration.temperature,
+        uncalibrated = calibration.blended(adapter.log_probs, offsets).log_softmax(-1)
+        block["calibration"] = {"temperature": calibration.temperature,
                                 "before": calibrate.confidence_report(uncalibrated, truth_index),
                                 "after": calibrate.confidence_report(shipped.log_probs, truth_index)}
         calibrate.plot_reliability(uncalibrated, shipped.log_probs, truth_index, run / f"calibration_{split}.png",
@@ -231,7 +192,7 @@ def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: R
     if recipe.eval.baseline and train is not None:
         block["baseline"], baseline_predicted = baseline_metrics(train_path, train, rows, labels, level)
         block["versus_baseline"] = {"shipped": paired_bootstrap(truth, shipped.labels, baseline_predicted, labels)}
-        if predictor.calibration:
+        if calibration:
             block["versus_baseline"]["adapter"] = paired_bootstrap(truth, adapter.labels, baseline_predicted, labels)
         block["behind_baseline"] = sorted(
             label for label, m in block["per_label"].items()

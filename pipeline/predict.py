@@ -35,8 +35,10 @@ def run_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> Recip
 
 
 def run_identity(run_dir: str | Path) -> dict[str, str | None]:
-    """What labeled a row: ``labeled_by`` is the run's name and its adapter's hash, plus the
-    lexical model's hash when the run ships a blend (``run@<adapter>+lexical@<lexical>``).
+    """What labeled a row: ``labeled_by`` names every artifact that changes labels: the run's name
+    and its adapter's hash, plus the lexical model's hash when the run ships a blend
+    (``run@<adapter>+lexical@<lexical>``), or the lexical model's alone when it ships alone
+    (``lexical@<lexical>``).
 
     Cheap (hashes only), so a labeling job fails on a wrong path before loading any model.
     """
@@ -45,9 +47,13 @@ def run_identity(run_dir: str | Path) -> dict[str, str | None]:
     if not weights.is_file():
         raise ModelError(f"{run}: no adapter/adapter_model.safetensors (not a finished run directory)")
     adapter = sha256_file(weights)
-    lexical = calibrate.lexical_sha256(run) if (run / f"{calibrate.LEXICAL_STEM}.json").is_file() else None
-    labeled_by = f"{run.resolve().name}@{adapter[:12]}" + (f"+lexical@{lexical[:12]}" if lexical else "")
-    return {"labeled_by": labeled_by, "adapter_sha256": adapter, "lexical_sha256": lexical}
+    shipped = calibrate.shipped_candidate(run) or "adapter"
+    lexical = calibrate.lexical_sha256(run) if shipped != "adapter" else None
+    if shipped == "lexical":
+        labeled_by = f"lexical@{lexical[:12]}"
+    else:
+        labeled_by = f"{run.resolve().name}@{adapter[:12]}" + (f"+lexical@{lexical[:12]}" if lexical else "")
+    return {"labeled_by": labeled_by, "shipped": shipped, "adapter_sha256": adapter, "lexical_sha256": lexical}
 
 
 _merged: dict[tuple, tuple[Any, PreTrainedTokenizerBase]] = {}
@@ -80,7 +86,8 @@ class Prepared:
     """Names with the model-free work done (:meth:`Predictor.prepare`)."""
 
     names: list[str | None]
-    encoded: scoring.Encoded
+    encoded: scoring.Encoded | None
+    """The prompts; None where the lexical model ships alone (no language model)."""
     offsets: torch.Tensor | None = None
     """(names, labels): what the shipped scores add to the adapter's, the blend's lexical part
     (zeros without a blend or calibration); None for the adapter's own prediction."""
@@ -93,24 +100,28 @@ class Prepared:
 
 @dataclass
 class Predictor:
-    """A run's adapter merged into its base model, ready to score product names."""
+    """A run's shipped labeler, ready to score product names: its adapter merged into its base
+    model (with the blend and temperature of its calibration), or, where the run ships the lexical
+    model alone, that model and no language model at all (``model`` and ``tokenizer`` None)."""
 
     run_dir: Path
     recipe: Recipe
     model: Any
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None
     labels: list[str]
     texts: list[str]
     """What the model writes for each label, in label order (``data.completion``): scored in
     their place, so outputs carry the labels."""
     scorer: str
-    """``first_token``, ``trie`` or ``full``, chosen once for the run's label set."""
+    """``first_token``, ``trie`` or ``full``, chosen once for the run's label set; ``lexical``
+    where the lexical model ships alone."""
     max_prompt_tokens: int
     """Names longer than the recipe's ``train.max_length`` keep their head (status ``truncated``)."""
     batch_size: int
     device: str
-    path: InferencePath
-    """dtype and compiled or not (``eval.dtype``, ``eval.compile``), resolved for this machine."""
+    path: InferencePath | None
+    """dtype and compiled or not (``eval.dtype``, ``eval.compile``), resolved for this machine;
+    None without a language model."""
     calibration: calibrate.Calibration | None = None
     identity: dict[str, str | None] = field(default_factory=dict)
     """``labeled_by`` and the hashes behind it (:func:`run_identity`)."""
@@ -128,28 +139,33 @@ class Predictor:
         recipe = recipe or run_recipe(run)
         identity = run_identity(run_dir)
         labels = read_labels(run / "labels.json")
+        tree = read_taxonomy(run / "taxonomy.json")
+        level = recipe.data.label_level
+        parent = tree["parent"][level] if tree and level != "department" else None
+        calibration = calibrate.load(run, labels) if calibrated else None
+        if calibration is not None and not calibration.needs_adapter:  # no language model to load
+            return cls(run_dir=run, recipe=recipe, model=None, tokenizer=None, labels=labels, texts=labels,
+                       scorer="lexical", max_prompt_tokens=recipe.train.max_length,
+                       batch_size=batch_size or recipe.eval.batch_size, device="cpu", path=None,
+                       calibration=calibration, identity=identity, level=level, parent=parent)
         device = train_device()
         tokenizer = run_tokenizer(run, recipe.model)  # the scorer, and with it the path, depend on it
         texts = scoring.completion_texts(tokenizer, labels, recipe.data.completion)
         scorer = scoring.choose_scorer(recipe.eval.scorer, tokenizer, texts)
         path = inference_path(recipe.eval.dtype, recipe.eval.compile, device, scorer=scorer)
         model, _ = merged_model(run, recipe, device, path, str(identity["adapter_sha256"]), tokenizer)
-        tree = read_taxonomy(run / "taxonomy.json")
-        level = recipe.data.label_level
-        parent = tree["parent"][level] if tree and level != "department" else None
         return cls(run_dir=run, recipe=recipe, model=model, tokenizer=tokenizer, labels=labels, texts=texts,
                    level=level,
                    parent=parent,
                    scorer=scorer,
                    max_prompt_tokens=recipe.train.max_length, batch_size=batch_size or recipe.eval.batch_size,
-                   device=device, path=path, identity=identity,
-                   calibration=calibrate.load(run, labels) if calibrated else None)
+                   device=device, path=path, identity=identity, calibration=calibration)
 
     def prepare(self, names: list[str | None], calibrated: bool = True) -> Prepared:
         """The model-free part of :meth:`predict`: prompts and, for shipped predictions, the
         blend's lexical scores. ``pipeline.label`` prepares the next record batch in a thread
         while the model scores this one."""
-        encoded = scoring.encode_names(self.tokenizer, names, self.max_prompt_tokens)
+        encoded = None if self.model is None else scoring.encode_names(self.tokenizer, names, self.max_prompt_tokens)
         if not calibrated:
             return Prepared(names, encoded)
         offsets = self.calibration.offsets(names) if self.calibration else torch.zeros((len(names), len(self.labels)))
@@ -167,6 +183,8 @@ class Predictor:
         Shipped predictions are never reused, so that benchmarks time real scoring.
         """
         prepared = names if isinstance(names, Prepared) else self.prepare(names, calibrated)
+        if self.model is None:
+            return self._lexical_predict(prepared)
         key = None
         if not prepared.calibrated:  # labeling batches (shipped) never build the key
             key = (self.identity.get("adapter_sha256"), str(self.run_dir), self.path, self.scorer,
@@ -184,6 +202,21 @@ class Predictor:
             _adapter_scores[key] = (weakref.ref(self.model), prediction)
         elif self.calibration and search is None:
             return self.calibration.apply(prediction, prepared.offsets)
+        return prediction
+
+    def _lexical_predict(self, prepared: Prepared) -> scoring.Prediction:
+        """The lexical model's prediction, where it ships alone: its calibrated decision values."""
+        if not prepared.calibrated:
+            raise ModelError(f"{self.run_dir} ships the lexical model alone: no adapter is loaded to score with")
+        start = time.perf_counter()
+        usable = [i for i, name in enumerate(prepared.names) if name is not None and str(name).strip()]
+        nothing = torch.full((len(prepared.names), len(self.labels)), float("nan"))
+        nothing[usable] = 0.0  # the adapter's part of the shipped scores: none
+        statuses = ["ok" if i in set(usable) else "empty_name" for i in range(len(prepared.names))]
+        unscored = scoring.Prediction(["" if i in set(usable) else None for i in range(len(prepared.names))],
+                                      [None] * len(prepared.names), nothing, statuses)
+        prediction = self.calibration.apply(unscored, prepared.offsets)
+        prediction.seconds = time.perf_counter() - start
         return prediction
 
     def search_space(self, offsets: torch.Tensor) -> scoring.SearchSpace | None:
@@ -220,8 +253,8 @@ class Predictor:
         """How this predictor scores, for manifests and benchmark records."""
         return {**self.identity, "base_model": self.recipe.model.base_model, "scorer": self.scorer,
                 "completion": self.recipe.data.completion,
-                "device": self.device, "dtype": str(self.path.dtype).removeprefix("torch."),
-                "inference_path": self.path.name,
+                "device": self.device, "dtype": str(self.path.dtype).removeprefix("torch.") if self.path else None,
+                "inference_path": self.path.name if self.path else "lexical",
                 "batch_size": self.batch_size, "max_prompt_tokens": self.max_prompt_tokens,
                 "label_level": self.level,
                 "trie_tolerance": self.recipe.eval.trie_tolerance if self.scorer == "trie" else None,

@@ -152,6 +152,7 @@ def leaderboard(sweep_dir: Path, names: list[str], configs: list[dict[str, Any]]
                      "n_validation": validation.get("n_eval"), f"test_{metric}": test.get(metric),
                      f"baseline_test_{metric}": test.get("baseline", {}).get(metric),
                      "train_runtime_s": metrics.get("train_runtime_s"),
+                     "ships": validation.get("predictor"),
                      "status": "ok" if metric in validation else "failed",
                      "log": (logs or {}).get(name, ""), **config})
     ranked_on = f"validation_{metric}"
@@ -166,7 +167,7 @@ def leaderboard(sweep_dir: Path, names: list[str], configs: list[dict[str, Any]]
 
 def _write_leaderboard(sweep_dir: Path, rows: list[dict[str, Any]], metric: str) -> None:
     ranked_on, baseline = f"validation_{metric}", f"baseline_validation_{metric}"
-    columns = ["rank", "run", "status", ranked_on, baseline, "n_validation", f"test_{metric}",
+    columns = ["rank", "run", "status", "ships", ranked_on, baseline, "n_validation", f"test_{metric}",
                f"baseline_test_{metric}", "train_runtime_s"]
     columns += [k for k in rows[0] if k not in columns and k != "log"] + ["log"]
     with open(sweep_dir / "leaderboard.csv", "w", newline="") as f:

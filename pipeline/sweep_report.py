@@ -71,7 +71,7 @@ def write_sweep_report(sweep_dir: Path, ranked: list[dict[str, Any]], parameters
                        promoted: dict[str, Any] | None) -> Path:
     """SWEEP_DIR/sweep_report.html: the leaderboard, parameters against the metric, loss curves."""
     images = sweep_charts(sweep_dir, ranked, parameters, metric)
-    columns = ["rank", "run", "status", f"validation_{metric}", f"baseline_validation_{metric}",
+    columns = ["rank", "run", "status", "ships", f"validation_{metric}", f"baseline_validation_{metric}",
                f"test_{metric}", "train_runtime_s", *parameters]
     verdict = (f"Promoted <b>{html.escape(promoted['run'])}</b> on validation_{metric} = {promoted['value']:.4f}"
                + (f"; its test {metric}: {promoted['test'][metric]:.4f}" if promoted.get("test") else "")

@@ -14,8 +14,9 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 
 from pipeline import baseline, calibrate
-from pipeline.evaluate import evaluate, paired_bootstrap
+from pipeline.evaluate import evaluate, format_table
 from pipeline.label import label_catalogs
+from pipeline.metrics import paired_bootstrap
 from pipeline.predict import Predictor, run_identity, run_recipe
 
 
@@ -43,16 +44,46 @@ def test_expected_calibration_error_by_hand():
     assert calibrate.expected_calibration_error(confidences, correct) == pytest.approx(0.2 * 4 / 6 + 0.15 * 2 / 6)
 
 
-def test_the_blend_is_kept_only_where_it_beats_the_adapter_on_validation():
+def test_the_blend_weight_is_chosen_on_validation():
     truth = torch.arange(300) % 5
     right = torch.nn.functional.one_hot(truth, 5).float() * 3
     noise = torch.randn(300, 5, generator=torch.Generator().manual_seed(0))
-    good_adapter, useless_lexical = right.log_softmax(-1), noise
-    weight, kept, grid = calibrate.choose_blend(good_adapter, useless_lexical, truth)
-    assert not kept and weight == 0.0 and grid["0.0"]["accuracy"] == 1.0
-    weight, kept, grid = calibrate.choose_blend(noise.log_softmax(-1), right, truth)
-    assert kept and weight > 0 and grid[str(weight)]["accuracy"] > grid["0.0"]["accuracy"]
-    assert calibrate.choose_blend(noise.log_softmax(-1), right, truth, weights=())[:2] == (0.0, False)
+    weight, grid = calibrate.choose_blend(noise.log_softmax(-1), right, truth)
+    best = max(g["accuracy"] for g in grid.values())
+    assert weight > 0 and grid[str(weight)]["accuracy"] == best > grid["0.0"]["accuracy"]
+
+
+LABELS = ["a", "b", "c", "d", "e"]
+
+
+def right_on(truth: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Scores whose top label is the truth where ``right``, the next label elsewhere."""
+    return torch.nn.functional.one_hot(torch.where(right, truth, (truth + 1) % 5), 5).float() * 4
+
+
+def test_every_candidate_competes_on_validation_and_the_cheapest_wins_a_tie():
+    truth = torch.arange(400) % 5
+    rows = torch.arange(400)
+    # the lexical model alone is best, clearly: it ships
+    shipped, rule, versus = calibrate.choose_candidate(
+        {"lexical": right_on(truth, rows % 20 != 0), "adapter": right_on(truth, rows % 5 < 3),
+         "blend": right_on(truth, rows % 5 < 4)}, truth, LABELS)
+    assert shipped == "lexical" and rule.startswith("lexical: the best validation accuracy")
+    assert versus["blend"]["accuracy"]["low"] > 0 and versus["adapter"]["accuracy"]["low"] > 0
+    # the blend is best beyond the interval of both cheaper ones: it ships
+    shipped, rule, versus = calibrate.choose_candidate(
+        {"lexical": right_on(truth, rows % 10 < 7), "adapter": right_on(truth, rows % 10 < 6),
+         "blend": right_on(truth, rows % 10 < 9)}, truth, LABELS)
+    assert shipped == "blend" and "no cheaper candidate within" in rule and versus["lexical"]["accuracy"]["low"] > 0
+    # the blend is ahead by two rows of 400: a tie, and the cheapest of the tied ships
+    blend = rows % 10 < 9
+    lexical = blend.clone()
+    lexical[:2] = False
+    shipped, rule, versus = calibrate.choose_candidate(
+        {"lexical": right_on(truth, lexical), "adapter": right_on(truth, rows % 10 < 5),
+         "blend": right_on(truth, blend)}, truth, LABELS)
+    assert shipped == "lexical" and "within the 95% paired-bootstrap interval of blend's" in rule
+    assert versus["lexical"]["accuracy"]["low"] <= 0 < versus["lexical"]["accuracy"]["difference"]
 
 
 def test_paired_bootstrap_matches_the_point_figures_and_brackets_them():
@@ -122,6 +153,45 @@ def test_evaluate_and_label_ship_the_blend(calibrated_run, data_dir, tmp_path):
     manifest = json.loads(next((tmp_path / "labeled").glob("_manifest*/*.json")).read_text())
     assert manifest["calibration"]["temperature"] == pytest.approx(result["temperature"])
     assert manifest["calibration"]["blend_weight"] == result["blend"]["weight"]
+
+
+def test_a_run_that_ships_the_lexical_model_labels_without_the_language_model(calibrated_run, data_dir, tmp_path,
+                                                                              monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(calibrated_run[0], run)
+    result = calibrate.fit(run, run_recipe(run, ["eval.max_samples=300", "eval.candidates=[lexical,adapter]"]),
+                           progress=False)
+    assert result["shipped"] == "lexical" and result["rule"].startswith("lexical: the best validation accuracy")
+    for figures in result["candidates"].values():  # each with its own temperature, ECE and speed
+        assert figures["temperature"] > 0 and 0 <= figures["ece"] <= 1 and figures["products_per_s"] > 0
+    assert result["temperature"] == result["candidates"]["lexical"]["temperature"]
+    identity = run_identity(run)
+    assert identity["labeled_by"] == f"lexical@{calibrate.lexical_sha256(run)[:12]}"
+
+    test = pd.read_parquet(data_dir / "test.parquet").head(200)
+    catalog = tmp_path / "catalog.parquet"
+    pq.write_table(pa.table({"product_id": test["product_id"], "product_name": [*test["product_name"][:-1], "  "]}),
+                   catalog)
+    import pipeline.predict as predict_module
+
+    with monkeypatch.context() as patch:
+        patch.setattr(predict_module, "merged_model", lambda *a, **k: pytest.fail("the language model was loaded"))
+        label_catalogs(run, [str(catalog)], tmp_path / "labeled", progress=False)
+    labeled = pd.read_parquet(tmp_path / "labeled" / "catalog.parquet")
+    assert (labeled["labeled_by"] == identity["labeled_by"]).all()
+    lexical = calibrate.load(run, json.loads((run / "labels.json").read_text())).lexical
+    assert labeled["department"].tolist()[:-1] == [str(p) for p in lexical.predict(test["product_name"][:-1].tolist())]
+    assert labeled["label_status"].tolist()[-1] == "empty_name" and labeled["department"].isna().tolist()[-1]
+    manifest = json.loads(next((tmp_path / "labeled").glob("_manifest*/*.json")).read_text())
+    assert manifest["scorer"] == "lexical" and manifest["calibration"]["shipped"] == "lexical"
+    report = json.loads((tmp_path / "labeled" / "_report" / "latest" / "summary.json").read_text())
+    assert report["adapter"]["labeled_by"] == identity["labeled_by"]
+
+    metrics = evaluate(run, data_dir / "test.parquet", run_recipe(run, ["eval.max_samples=200"]), progress=False)
+    block = metrics["test"]  # the lexical model is the baseline's TF-IDF + SVM, fitted on the same rows
+    assert block["predictor"] == "lexical" and block["accuracy"] == block["baseline"]["accuracy"]
+    table = format_table(metrics, "test")
+    assert "shipped: lexical" in table and f"labeled_by={identity['labeled_by']}" in table
 
 
 def test_a_dropped_blend_leaves_the_adapter_and_its_identity(calibrated_run, tmp_path):

@@ -116,7 +116,7 @@ def test_sweep_runs_as_a_job_array_ranks_and_promotes(cluster, tmp_path, data_di
     best = ranked[1].split(",")[1]
     assert promoted["run"] == best and (sweep_dir / "promoted").resolve() == (sweep_dir / "runs" / best).resolve()
     # Ranked on validation; the promoted run alone was then scored on test, by a job of its own.
-    assert ranked[0].startswith("rank,run,status,validation_accuracy,") and promoted["ranked_on"] == "validation"
+    assert ranked[0].startswith("rank,run,status,ships,validation_accuracy,") and promoted["ranked_on"] == "validation"
     assert promoted["test"]["n_eval"] == 8
     tested = {run.name for run in (sweep_dir / "runs").iterdir() if "test" in json.loads(
         (run / "metrics.json").read_text())}

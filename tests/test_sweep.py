@@ -95,7 +95,7 @@ def test_leaderboard_ranks_lists_failures_and_promotes(tmp_path):
         ("s-002", 1, "ok"), ("s-000", 2, "ok"), ("s-001", None, "failed")]
     assert "s-001: /logs/s-001.out" in (tmp_path / "leaderboard.md").read_text()
     csv_lines = (tmp_path / "leaderboard.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("rank,run,status,validation_accuracy,baseline_validation_accuracy,")
+    assert csv_lines[0].startswith("rank,run,status,ships,validation_accuracy,baseline_validation_accuracy,")
     assert csv_lines[1].startswith("1,s-002,ok,0.83,0.8,")  # the model next to the classical baseline
     assert (tmp_path / "leaderboard.png").stat().st_size > 0
     decision = promote(tmp_path, ranked, "accuracy", "maximize")
