@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -54,6 +53,7 @@ from pipeline.predict import Predictor, Prepared, run_recipe
 from pipeline.progress import progress_bar
 from pipeline.report import RUNNERS_UP, TOP_K, JobContext, LabelStats, finish_job, job_id, new_job_id
 from pipeline.scoring import Prediction
+from pipeline.signals import StopOnSignal
 
 log = logging.getLogger(__name__)
 T, U = TypeVar("T"), TypeVar("U")
@@ -338,30 +338,6 @@ class Outcome:
     stats: LabelStats = field(default_factory=LabelStats)
 
 
-class StopOnSignal:
-    """SIGTERM, SIGUSR1 or SIGUSR2 (preemption, ``scancel``, Slurm's warning before the time limit)
-    while labeling: finish and commit the record batch in hand, then stop with exit code 75."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopOnSignal:
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._on_signal)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.requested = signal.Signals(signum).name
-        log.warning("received %s: committing the batch in hand, then stopping", self.requested)
-
-
 def label_unit(labeler: Labeler, unit: Unit, out_dir: Path, *, text_column: str, id_column: str,
                only_missing: bool, in_place: bool, rows_per_batch: int, bar: tqdm,
                stop: StopOnSignal | None = None, settings: LabelConfig | None = None,
@@ -573,7 +549,7 @@ def label_catalogs(adapter: str | Path, catalogs: list[str], out_dir: str | Path
         settings = dataclasses.replace(settings, review_max=review_max)
     start = time.perf_counter()
     with progress_bar(sum(u.rows for u in units), "labeling", "row", disable=not progress) as bar, \
-            StopOnSignal() as stop:
+            StopOnSignal("committing the batch in hand") as stop:
         for unit in units:
             try:
                 outcomes.append(label_unit(labeler, unit, out, text_column=text_column, id_column=id_column,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from pipeline.model import (
 )
 from pipeline.progress import LOG_INTERVAL_S, on_terminal
 from pipeline.scoring import completion_texts
+from pipeline.signals import StopOnSignal
 
 log = logging.getLogger(__name__)
 
@@ -68,30 +68,26 @@ class CheckpointAndStop(TrainerCallback):
     finds its final checkpoint and goes straight to the evaluation.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
     def __init__(self, stop_file: Path) -> None:
         self.stop_file = stop_file
-        self.requested = False
         self.trainer = None
-        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
+        self.signals = StopOnSignal("checkpointing at the end of this step").install()
+        self.stop_file_seen = False
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.signals.requested) or self.stop_file_seen
 
     def restore_signals(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        log.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
-        self.requested = True
+        self.signals.restore()
 
     def on_train_end(self, args, state, control, **kwargs):
         self.restore_signals()
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested or self.stop_file.exists():
-            self.requested = True
+        self.stop_file_seen = self.stop_file_seen or self.stop_file.exists()
+        if self.requested:
             control.should_save = True
             control.should_training_stop = True
             if self.trainer is not None:

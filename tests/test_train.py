@@ -18,6 +18,7 @@ from trl import SFTTrainer
 from pipeline.config import Recipe, load_recipe
 from pipeline.data import to_prompt_completion
 from pipeline.model import cpu_has_native_bf16, resolve_compute_dtype
+from pipeline.signals import SIGNALS
 from pipeline.train import CheckpointAndStop, sft_config, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,9 +149,9 @@ def test_run_directory_matches_the_contract(tiny_run):
 def test_rerun_resumes_from_the_last_checkpoint(tiny_run):
     run, recipe, _ = tiny_run
     recipe.train.max_steps = 6
-    handlers = [signal.getsignal(sig) for sig in CheckpointAndStop.SIGNALS]
+    handlers = [signal.getsignal(sig) for sig in SIGNALS]
     metrics = train(recipe, run, evaluate_after=False)
-    assert [signal.getsignal(sig) for sig in CheckpointAndStop.SIGNALS] == handlers  # none left behind
+    assert [signal.getsignal(sig) for sig in SIGNALS] == handlers  # none left behind
     assert metrics["resumed_from"].endswith("checkpoint-4")
     assert metrics["train_steps"] == 6
     steps = [h["step"] for h in json.loads((run / "train_log.json").read_text()) if "loss" in h]
@@ -162,9 +163,9 @@ def test_rerun_of_a_finished_run_trains_no_further(tiny_run):
     run, recipe, _ = tiny_run
     recipe.train.max_steps = 6
     before = (run / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors").read_bytes()
-    handlers = [signal.getsignal(sig) for sig in CheckpointAndStop.SIGNALS]
+    handlers = [signal.getsignal(sig) for sig in SIGNALS]
     metrics = train(recipe, run, evaluate_after=False)
-    assert [signal.getsignal(sig) for sig in CheckpointAndStop.SIGNALS] == handlers
+    assert [signal.getsignal(sig) for sig in SIGNALS] == handlers
     assert metrics["train_steps"] == 6 and metrics["resumed_from"].endswith("checkpoint-6")
     assert [h["step"] for h in json.loads((run / "train_log.json").read_text()) if "loss" in h] == list(range(1, 7))
     assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
