@@ -19,10 +19,11 @@ eval "$(slurm/dev-cluster.sh start "$STATE")"
 trap 'slurm/dev-cluster.sh stop "$STATE" >/dev/null' EXIT
 
 wait_for() {  # wait_for JOB WHAT: a progress line every 15 s until all its tasks have ended
-    local job=$1 what=$2 last=-15 states
+    local job=$1 what=$2 last=-15 raw states
     while :; do
-        states=$(sacct -n -P -X -j "$job" -o State | sort | uniq -c | awk '{printf "%s%s %s", sep, $1, $2; sep=", "}')
-        if [ -n "$states" ] && ! sacct -n -P -X -j "$job" -o State | grep -qE 'PENDING|RUNNING|REQUEUED|CONFIGURING'; then
+        raw=$(sacct -n -P -X -j "$job" -o State)
+        states=$(echo "$raw" | sort | uniq -c | awk '$2 {printf "%s%s %s", sep, $1, $2; sep=", "}')
+        if [ -n "$states" ] && ! echo "$raw" | grep -qE 'PENDING|RUNNING|REQUEUED|CONFIGURING|COMPLETING'; then
             echo "$what (job $job): $states, $((SECONDS - started)) s since the start"
             return
         fi
