@@ -878,9 +878,14 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
     }
 
 
-BNB_DEQUANTIZE_MARKS = ("dequantize", "bitsandbytes", "gemv_4bit")
-"""What names the 4-bit layers' work in a profile: bitsandbytes' custom ops (``bitsandbytes::dequantize_4bit``,
-``bitsandbytes::dequantize_blockwise`` for the double-quantized scales, ``bitsandbytes::gemv_4bit``)."""
+DEQUANTIZE_MARKS = ("dequantize",)
+"""What names bitsandbytes' dequantization in a profile: ``bitsandbytes::dequantize_4bit`` (the NF4
+weights) and ``bitsandbytes::dequantize_blockwise`` (their double-quantized scales)."""
+
+BNB_4BIT_MARKS = ("bitsandbytes", "gemv_4bit", "matmul4bit")
+"""What names all of the 4-bit layers' work: bitsandbytes' ops and its ``MatMul4Bit`` autograd function
+forward and backward. On CPU, ``bitsandbytes::gemm_4bit`` dequantizes and then multiplies, so this
+includes the base layers' matrix products as well as the dequantization."""
 
 STEP_PHASES = ("data", "forward", "backward", "clip", "optimizer", "other")
 """How :class:`TrainStepTimer` splits an optimizer step: fetching and collating the batch (with the
@@ -1036,9 +1041,11 @@ def bench_profile_train(config: str, overrides: list[str], warmup: int, timed: i
     forced = [f"train.max_steps={steps}", f"train.save_steps={steps + 1}", f"train.logging_steps={steps + 1}"]
     recipe = load_recipe(config, [*overrides, *forced])
     timer = TrainStepTimer(warmup, timed, profiled)
+    load_before = os.getloadavg()  # other processes on the cores slow every step (2-core VMs are shared)
     with tempfile.TemporaryDirectory() as run, mock.patch.object(train_module, "SFTTrainer",
                                                                   profiled_trainer_class(timer)):
         metrics = train_module.train(recipe, Path(run) / "run", evaluate_after=False, callbacks=[timer])
+    load_after = os.getloadavg()
     prof, trainer = timer.profiler, timer.trainer
 
     def summary(kind: str) -> dict[str, Any]:
@@ -1058,7 +1065,9 @@ def bench_profile_train(config: str, overrides: list[str], warmup: int, timed: i
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
     operator_us = sum(e.self_cpu_time_total for e in events)
     wall_us = timer.profiled_seconds * 1e6
-    dequantize_us, dequantize_calls = top_level_time_us(prof.events(), BNB_DEQUANTIZE_MARKS)
+    function_events = prof.events()
+    dequantize_us, dequantize_calls = top_level_time_us(function_events, DEQUANTIZE_MARKS)
+    bnb_us, bnb_calls = top_level_time_us(function_events, BNB_4BIT_MARKS)
     ranges = {e.key: e for e in prof.key_averages()
               if e.key.startswith("train_step/") or e.key.startswith("Optimizer.step#")}
 
@@ -1078,6 +1087,7 @@ def bench_profile_train(config: str, overrides: list[str], warmup: int, timed: i
         "overrides": overrides,
         "config": recipe.to_dict(),
         "machine": machine(metrics.get("device")),
+        "load_average_1min": {"before": round(load_before[0], 2), "after_training": round(load_after[0], 2)},
         "quantization": recipe.model.quantization,
         "compute_dtype": metrics.get("compute_dtype"),
         "adapter_dtype": metrics.get("adapter_dtype"),
@@ -1092,12 +1102,16 @@ def bench_profile_train(config: str, overrides: list[str], warmup: int, timed: i
             "operator_share_of_wall": round(operator_us / wall_us, 4),
             "matmul_share": round(sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPERATORS)
                                   / operator_us, 4),
-            "bnb_dequantize": {
-                "ms": round(dequantize_us / 1e3, 1), "calls": dequantize_calls,
-                "share_of_wall": round(dequantize_us / wall_us, 4),
+            "dropout_share_of_wall": round(sum(e.self_cpu_time_total for e in events if "bernoulli" in e.key
+                                               or "dropout" in e.key) / wall_us, 4),  # LoRA's, drawn on CPU
+            "bnb_4bit": {
+                "dequantize_ms": round(dequantize_us / 1e3, 1), "dequantize_calls": dequantize_calls,
+                "dequantize_share_of_wall": round(dequantize_us / wall_us, 4),
+                "all_4bit_ms": round(bnb_us / 1e3, 1), "all_4bit_calls": bnb_calls,
+                "all_4bit_share_of_wall": round(bnb_us / wall_us, 4),
                 "operators": [{"operator": e.key, "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 2),
                                "total_ms": round(e.cpu_time_total / 1e3, 2)}
-                              for e in events if any(m in e.key.lower() for m in BNB_DEQUANTIZE_MARKS)]},
+                              for e in events if any(m in e.key.lower() for m in BNB_4BIT_MARKS)]},
             "ranges": {name: {"calls": e.count, "total_ms": round(e.cpu_time_total / 1e3, 1),
                               "share_of_wall": round(e.cpu_time_total / wall_us, 4)} for name, e in ranges.items()},
             "operators": [{"operator": e.key, "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 2),

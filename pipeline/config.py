@@ -117,6 +117,12 @@ class TrainConfig:
     """Project only the labelled (completion) positions through the LM head, on CPU too."""
     group_by_length: bool = False
     dataloader_num_workers: int = 0
+    objective: str = "lm"
+    """``lm``: the language-model loss on the completion (trl's); ``label_softmax``: cross-entropy
+    over the label set at the answer position, what the first-token scorer ships
+    (``pipeline.objective``)."""
+    label_smoothing: float = 0.0
+    """With ``objective: label_softmax``: the share of the target spread over the other labels."""
 
 
 @dataclass

@@ -40,6 +40,7 @@ from pipeline.model import (
     resolve_compute_dtype,
     train_device,
 )
+from pipeline.objective import OBJECTIVES, LabelSoftmaxTrainer, first_token_ids
 from pipeline.progress import LOG_INTERVAL_S, on_terminal
 from pipeline.scoring import completion_texts
 from pipeline.signals import StopOnSignal
@@ -323,13 +324,20 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
         project_labelled_positions_only()
     (run / STOP_FILE).unlink(missing_ok=True)
     stopper = CheckpointAndStop(run / STOP_FILE)
-    trainer = SFTTrainer(
+    trainer_class, objective = SFTTrainer, {}
+    if recipe.train.objective == "label_softmax":
+        trainer_class, objective = LabelSoftmaxTrainer, {"label_ids": first_token_ids(tokenizer, texts),
+                                                         "label_smoothing": recipe.train.label_smoothing}
+    elif recipe.train.objective != "lm":
+        raise ConfigError(f"train.objective={recipe.train.objective!r}: one of {', '.join(OBJECTIVES)}")
+    trainer = trainer_class(
         model=model,
         args=sft_config(recipe, run, device),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_lora_config(recipe.lora),
         callbacks=[stopper, NoPickledArguments(), *([] if on_terminal() else [StepLines()]), *(callbacks or [])],
+        **objective,
     )
     stopper.trainer = trainer
     compute_dtype = resolve_compute_dtype(recipe.model.bnb_4bit_compute_dtype, device)

@@ -9,7 +9,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.bench import implied_against_direct, parse_generation, synthetic_catalog
+from pipeline.bench import (
+    batches_padding_share,
+    implied_against_direct,
+    parse_generation,
+    synthetic_catalog,
+    top_level_time_us,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["dairy eggs", "frozen", "snacks", "pets"]
@@ -34,6 +40,24 @@ def test_implied_departments_are_compared_only_on_the_products_both_runs_scored(
     assert compared["direct_accuracy"] == pytest.approx(2 / 3, abs=1e-3)
     assert compared["implied_minus_direct"]["accuracy"]["difference"] == 0
 
+
+
+def test_padding_share_pads_each_batch_to_its_longest_example():
+    lengths = [10, 2, 10, 2]
+    assert batches_padding_share(lengths, [0, 1, 2, 3], 2) == pytest.approx(16 / 40)  # 10+2 padded to 10+10, twice
+    assert batches_padding_share(lengths, [0, 2, 1, 3], 2) == 0.0  # grouped by length: nothing padded
+    assert batches_padding_share(lengths, [0, 1, 2], 2) == pytest.approx(8 / 30, abs=1e-4)  # a last, shorter batch
+
+
+def test_dequantization_time_counts_a_nested_dequantization_once():
+    from types import SimpleNamespace as Event
+
+    root = Event(name="train_step/forward", cpu_parent=None, cpu_time_total=100.0)
+    outer = Event(name="bitsandbytes::dequantize_4bit", cpu_parent=root, cpu_time_total=30.0)
+    inner = Event(name="bitsandbytes::dequantize_blockwise", cpu_parent=outer, cpu_time_total=10.0)
+    alone = Event(name="bitsandbytes::dequantize_blockwise", cpu_parent=root, cpu_time_total=5.0)
+    matmul = Event(name="aten::mm", cpu_parent=root, cpu_time_total=50.0)
+    assert top_level_time_us([root, outer, inner, alone, matmul], ("dequantize",)) == (35.0, 2)
 
 def test_synthetic_catalog_prelabels_all_but_the_new_fraction(data_dir, tmp_path):
     path = tmp_path / "catalog.parquet"
