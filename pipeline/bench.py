@@ -1049,10 +1049,14 @@ def bench_profile_train(config: str, overrides: list[str], warmup: int, timed: i
     prof, trainer = timer.profiler, timer.trainer
 
     def summary(kind: str) -> dict[str, Any]:
+        """Median step time; phase shares and padding over the steps within 1.5x the median (on a
+        shared 2-core VM another process's burst made single steps 10-30x slower)."""
         rows = [s for s in timer.steps if s["kind"] == kind]
+        median = float(pd.Series([s["seconds"] for s in rows]).median())
+        rows = [s for s in rows if s["seconds"] <= 1.5 * median]
         seconds = sum(s["seconds"] for s in rows)
-        return {"steps": len(rows),
-                "seconds_per_step_median": round(float(pd.Series([s["seconds"] for s in rows]).median()), 3),
+        return {"steps": len([s for s in timer.steps if s["kind"] == kind]), "steps_kept": len(rows),
+                "seconds_per_step_median": round(median, 3),
                 "phase_shares": {p: round(sum(s[f"{p}_s"] for s in rows) / seconds, 4) for p in STEP_PHASES},
                 "phase_seconds_per_step": {p: round(sum(s[f"{p}_s"] for s in rows) / len(rows), 4)
                                            for p in STEP_PHASES},
