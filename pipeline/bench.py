@@ -1040,6 +1040,8 @@ def bench_profile_train(config: str, overrides: list[str], warmup: int, timed: i
     steps = warmup + timed + profiled
     forced = [f"train.max_steps={steps}", f"train.save_steps={steps + 1}", f"train.logging_steps={steps + 1}"]
     recipe = load_recipe(config, [*overrides, *forced])
+    if recipe.train.objective != "lm":
+        raise SystemExit(f"train.objective={recipe.train.objective}: profile-train times trl's SFTTrainer (lm only)")
     timer = TrainStepTimer(warmup, timed, profiled)
     load_before = os.getloadavg()  # other processes on the cores slow every step (2-core VMs are shared)
     with tempfile.TemporaryDirectory() as run, mock.patch.object(train_module, "SFTTrainer",
