@@ -418,13 +418,55 @@ def bench_quality(run: Path, rescore: bool = True, against: Path | None = None) 
     result = {"benchmark": "quality", "command": command_line(), "run": str(run), "config": recipe.to_dict(),
               "machine": machine(), "train_steps": metrics.get("train_steps"),
               "calibrate_seconds": calibrate_s,
-              "calibration": {k: calibration[k] for k in ("blend", "temperature", "validation", "n_validation")},
+              "calibration": {k: calibration.get(k) for k in ("shipped", "rule", "candidates", "versus_best", "blend",
+                                                               "temperature", "validation", "n_validation")},
               "validation": summary(metrics["validation"]) if "validation" in metrics else None,  # calibration's own
               "test": summary(metrics["test"])}
+    if rescore and calibration.get("candidates"):
+        result["candidates_on_test"] = candidates_on_test(run, recipe, calibration)
     if against is not None:
         result["department_against_run"] = {"run": str(against), **implied_against_direct(
             run / "predictions_test.parquet", against / "predictions_test.parquet")}
     return result
+
+
+def candidates_on_test(run: Path, recipe, calibration: dict[str, Any]) -> dict[str, Any]:
+    """Every candidate that competed on validation, scored on the test split for the report (the
+    choice was made before, on validation): accuracy, macro-F1, ECE after the candidate's own
+    validation temperature, and its scoring speed here (the adapter's is the evaluation's own
+    pass, reused; the lexical model's is timed on the same names)."""
+    from pipeline import baseline
+    from pipeline.data import read_labels, read_split
+    from pipeline.metrics import classification_metrics, confidence_report
+    from pipeline.predict import Predictor
+
+    labels = read_labels(run / "labels.json")
+    level = recipe.data.label_level
+    data_dir = Path(recipe.data.dir)
+    test = read_split(data_dir / "test.parquet", labels, level)
+    if recipe.eval.max_samples:
+        test = test.head(recipe.eval.max_samples)
+    names, truth = test["product_name"].tolist(), test[level].tolist()
+    adapter = Predictor.from_run(run, recipe, calibrated=False).predict(names, calibrated=False)  # evaluate's, kept
+    fitted = baseline.fitted(data_dir / "train.parquet", read_split(data_dir / "train.parquet", level=level), level)
+    start = time.perf_counter()
+    decisions = torch.from_numpy(baseline.decision_matrix(fitted["model"], names, labels)).float()
+    lexical_s = time.perf_counter() - start
+    index = torch.tensor([labels.index(t) for t in truth])
+    out = {}
+    for name, figures in calibration["candidates"].items():
+        scores = {"adapter": adapter.log_probs, "lexical": decisions,
+                  "blend": adapter.log_probs + figures.get("blend_weight", 0.0) * decisions}[name]
+        calibrated = (scores / figures["temperature"]).log_softmax(-1)
+        predicted = [labels[i] for i in calibrated.argmax(-1).tolist()]
+        seconds = {"adapter": adapter.seconds, "lexical": lexical_s,
+                   "blend": (adapter.seconds or 0.0) + lexical_s}[name]
+        metrics = classification_metrics(truth, predicted, labels)
+        out[name] = {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
+                     "ece": confidence_report(calibrated, index)["ece"], "n_eval": len(truth),
+                     "products_per_s": round(len(names) / seconds, 1) if seconds else None,
+                     "shipped": name == calibration["shipped"]}
+    return out
 
 
 def implied_against_direct(aisle_predictions: Path, department_predictions: Path) -> dict[str, Any]:

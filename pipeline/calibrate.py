@@ -16,16 +16,14 @@ cheapest wins a tie, and each gets its own temperature.
 Written to RUN_DIR/calibration.json with every candidate's validation accuracy, macro-F1, ECE
 after its temperature and labeling speed; the lexical model, when it ships alone or in the blend,
 as ``lexical.json`` + ``lexical.safetensors`` (no pickle: run folders are shared).
-:class:`Calibration` applies it; ``pipeline.predict`` loads it, so evaluation and labeling ship
-the same thing, and a run that ships the lexical model loads no language model.
+``pipeline.shipped`` reads and applies it for ``pipeline.predict``, so evaluation and labeling
+ship the same thing, and a run that ships the lexical model loads no language model.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,148 +33,21 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from pipeline import baseline
-from pipeline.atomic import sha256_file, write_json_atomic
+from pipeline.atomic import write_json_atomic
 from pipeline.config import Recipe
 from pipeline.data import read_split
-from pipeline.errors import DataError, ModelError
-from pipeline.metrics import paired_bootstrap
-from pipeline.scoring import Prediction, best_labels, blend_log_probs
+from pipeline.errors import DataError
+from pipeline.metrics import confidence_report, negative_log_likelihood, paired_bootstrap
+from pipeline.predict import Predictor
+from pipeline.scoring import blend_log_probs
+from pipeline.shipped import CALIBRATION_FILE, CANDIDATES, LEXICAL_STEM, lexical_sha256
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_FILE = "calibration.json"
-LEXICAL_STEM = "lexical"
-CANDIDATES = ("lexical", "adapter", "blend")
-"""Every shippable candidate, cheapest to run first: a tie on validation goes to the earlier."""
 BLEND_WEIGHTS = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 40.0, 80.0, 160.0)
 """Tried against w=0 (the adapter alone): the SVM's decision values span a few units, the
 adapter's log-probabilities tens. The earlier study on test halves chose 5 and 12; the demo and
 the aisle run both chose 40, the largest weight then, with validation accuracy still rising."""
-ECE_BINS = 15
-CONFIDENT = 0.9
-"""The confidence a reviewer trusts a label at: its share of rows and their accuracy are reported."""
-
-
-@dataclass
-class Calibration:
-    """How a run's scores become the shipped labels and confidences: the shipped candidate (the
-    adapter's label log-probabilities, the blend, or the lexical model alone) and its temperature."""
-
-    labels: list[str]
-    temperature: float = 1.0
-    blend_weight: float = 0.0
-    shipped: str = "adapter"
-    """One of :data:`CANDIDATES`."""
-    lexical: Any = None
-    """The fitted lexical model (a scikit-learn pipeline) when it ships, alone or in the blend."""
-    lexical_sha256: str | None = None
-    lexical_seconds: float = 0.0
-    """Time spent in the lexical model so far, so labeling can report its share."""
-
-    @property
-    def needs_adapter(self) -> bool:
-        """Whether the shipped scores need the language model (not for the lexical model alone)."""
-        return self.shipped != "lexical"
-
-    def offsets(self, names: list[str | None]) -> torch.Tensor:
-        """(names, labels): the lexical model's part of the shipped scores, its decision values
-        (times w in the blend); zeros when the adapter ships alone, and for empty names."""
-        out = torch.zeros((len(names), len(self.labels)))
-        rows = [i for i, name in enumerate(names) if name is not None and str(name).strip()]
-        if self.shipped != "adapter" and rows:
-            start = time.perf_counter()
-            decisions = baseline.decision_matrix(self.lexical, [str(names[i]) for i in rows], self.labels)
-            self.lexical_seconds += time.perf_counter() - start
-            weight = self.blend_weight if self.shipped == "blend" else 1.0
-            out[rows] = weight * torch.from_numpy(decisions).float()
-        return out
-
-    def blended(self, log_probs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Uncalibrated shipped scores: the adapter's log-probabilities, plus the blend's
-        ``offsets`` (:meth:`offsets` of the same names) when the blend ships, or the offsets
-        alone when the lexical model ships alone. Rows of NaN (empty names) stay NaN."""
-        if self.shipped == "lexical":
-            return offsets + 0 * log_probs  # keeps the NaN rows of empty names
-        if self.shipped == "adapter":
-            return log_probs
-        return blend_log_probs(log_probs, offsets, 1.0)  # offsets carry the weight
-
-    def calibrated(self, scores: torch.Tensor) -> torch.Tensor:
-        return (scores / self.temperature).log_softmax(-1)
-
-    def apply(self, prediction: Prediction, offsets: torch.Tensor) -> Prediction:
-        """The adapter's prediction turned into the shipped one (statuses unchanged); ``offsets``
-        are :meth:`offsets` of the names it scored."""
-        log_probs = self.calibrated(self.blended(prediction.log_probs, offsets))
-        usable = [i for i, label in enumerate(prediction.labels) if label is not None]
-        labels, confidences = list(prediction.labels), list(prediction.confidences)
-        if usable:
-            best = best_labels(self.labels, log_probs[usable])
-            for k, i in enumerate(usable):
-                labels[i], confidences[i] = best.labels[k], best.confidence[k]
-        return Prediction(labels, confidences, log_probs, prediction.statuses)
-
-    def describe(self) -> dict[str, Any]:
-        return {"shipped": self.shipped, "temperature": self.temperature, "blend_weight": self.blend_weight,
-                "lexical_sha256": self.lexical_sha256}
-
-
-def lexical_sha256(run_dir: Path) -> str:
-    """One hash over the lexical model's two files: what ``labeled_by`` names."""
-    return sha256_file(*(run_dir / f"{LEXICAL_STEM}{suffix}" for suffix in (".json", ".safetensors")))
-
-
-def shipped_candidate(run_dir: Path) -> str | None:
-    """What RUN_DIR ships (one of :data:`CANDIDATES`), from calibration.json alone; None without one.
-    A file written before candidates competed says whether its blend was kept."""
-    path = run_dir / CALIBRATION_FILE
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text())
-        shipped = saved.get("shipped") or ("blend" if saved["blend"]["kept"] else "adapter")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path}: not a calibration file ({exc})") from exc
-    if shipped not in CANDIDATES:
-        raise ModelError(f"{path}: shipped is {shipped!r}, not one of {', '.join(CANDIDATES)}")
-    return shipped
-
-
-def load(run_dir: Path, labels: list[str]) -> Calibration | None:
-    """The run's calibration, or None for a run fitted without one (no validation rows)."""
-    shipped = shipped_candidate(run_dir)
-    if shipped is None:
-        return None
-    path = run_dir / CALIBRATION_FILE
-    try:
-        saved = json.loads(path.read_text())
-        calibration = Calibration(labels, temperature=float(saved["temperature"]), shipped=shipped,
-                                  blend_weight=float(saved["blend"]["weight"]) if shipped == "blend" else 0.0)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path}: not a calibration file ({exc})") from exc
-    if shipped != "adapter":
-        calibration.lexical = baseline.load(run_dir, LEXICAL_STEM)["model"]
-        calibration.lexical_sha256 = lexical_sha256(run_dir)
-    return calibration
-
-
-# --- measures ----------------------------------------------------------------------------------
-
-
-def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Sum over equal-width confidence bins of |accuracy - mean confidence| x the bin's share."""
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidences, edges[1:-1], right=True), 0, bins - 1)
-    error = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            error += mask.mean() * abs(correct[mask].mean() - confidences[mask].mean())
-    return float(error)
-
-
-def negative_log_likelihood(log_probs: torch.Tensor, truth: torch.Tensor) -> float:
-    return float(-log_probs.gather(1, truth[:, None]).mean())
 
 
 def fit_temperature(scores: torch.Tensor, truth: torch.Tensor) -> float:
@@ -186,47 +57,6 @@ def fit_temperature(scores: torch.Tensor, truth: torch.Tensor) -> float:
 
     found = minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded", options={"xatol": 1e-4})
     return float(np.exp(found.x))
-
-
-def confidence_report(log_probs: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
-    """ECE, NLL, and the share and accuracy of rows at confidence >= ``CONFIDENT``."""
-    confidence, predicted = log_probs.exp().max(-1)
-    correct = (predicted == truth).numpy()
-    confident = (confidence >= CONFIDENT).numpy()
-    return {"ece": round(expected_calibration_error(confidence.numpy(), correct), 4),
-            "nll": round(negative_log_likelihood(log_probs, truth), 4),
-            "confident_share": round(float(confident.mean()), 4),
-            "confident_accuracy": round(float(correct[confident].mean()), 4) if confident.any() else None}
-
-
-def plot_reliability(before: torch.Tensor, after: torch.Tensor, truth: torch.Tensor, path: Path,
-                     title: str) -> None:
-    """Reliability diagram: accuracy against confidence per bin, before and after calibration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    edges = np.linspace(0, 1, ECE_BINS + 1)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
-    for log_probs, name in ((before, "before"), (after, "after")):
-        confidence, predicted = log_probs.exp().max(-1)
-        correct = (predicted == truth).numpy()
-        which = np.clip(np.digitize(confidence.numpy(), edges[1:-1], right=True), 0, ECE_BINS - 1)
-        used = [b for b in range(ECE_BINS) if (which == b).any()]
-        ece = expected_calibration_error(confidence.numpy(), correct)
-        ax.plot([confidence.numpy()[which == b].mean() for b in used], [correct[which == b].mean() for b in used],
-                marker="o", label=f"{name} (ECE {ece:.3f})")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # --- fitting -----------------------------------------------------------------------------------
@@ -280,8 +110,6 @@ def choose_candidate(scores: dict[str, torch.Tensor], truth: torch.Tensor, label
 def fit(run_dir: str | Path, recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """Score every candidate on DATA_DIR/validation.parquet, fit each one's temperature, choose the
     one to ship and write RUN_DIR/calibration.json (plus the lexical model when it ships)."""
-    from pipeline.predict import Predictor  # predict loads calibrations: import it late
-
     run = Path(run_dir)
     data_dir = Path(recipe.data.dir)
     predictor = Predictor.from_run(run, recipe, calibrated=False)

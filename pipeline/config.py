@@ -153,7 +153,7 @@ class EvalConfig:
     """After training, try that lexical model, alone and blended with the adapter, against the
     adapter alone (``pipeline.calibrate``); false tries the adapter alone."""
     candidates: list[str] = field(default_factory=lambda: ["lexical", "adapter", "blend"])
-    """The shippable candidates that compete on validation (``pipeline.calibrate.CANDIDATES``);
+    """The shippable candidates that compete on validation (``pipeline.shipped.CANDIDATES``);
     e.g. ``[adapter, blend]`` to ship the language model whatever validation says."""
     splits: list[str] = field(default_factory=lambda: ["validation", "test"])
     """Splits of DATA_DIR scored after training, each a block of metrics.json. A sweep's tasks score

@@ -22,16 +22,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import confusion_matrix
 
-from pipeline import baseline, calibrate
+from pipeline import baseline
 from pipeline.atomic import write_json_atomic
 from pipeline.config import Recipe
 from pipeline.data import read_labels, read_split
-from pipeline.metrics import classification_metrics, paired_bootstrap
+from pipeline.metrics import (
+    CONFIDENT,
+    ECE_BINS,
+    classification_metrics,
+    confidence_report,
+    expected_calibration_error,
+    paired_bootstrap,
+)
 from pipeline.predict import Predictor, run_recipe
+from pipeline.shipped import load_calibration
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +116,7 @@ def format_table(metrics: dict[str, Any], split: str) -> str:
     if calibration.get("before"):
         before, after = calibration["before"], calibration["after"]
         lines.append(f"calibration: T={calibration['temperature']:.3f}, ECE {before['ece']:.4f} -> {after['ece']:.4f}; "
-                     f"confidence >= {calibrate.CONFIDENT}: {after['confident_share']:.1%} of rows, "
+                     f"confidence >= {CONFIDENT}: {after['confident_share']:.1%} of rows, "
                      f"accuracy {after['confident_accuracy'] or 0:.4f}")
     for name, difference in block.get("versus_baseline", {}).items():
         lines.append(f"{name} - baseline (95% paired bootstrap): " + ", ".join(
@@ -136,6 +145,36 @@ def format_per_label(block: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_reliability(before: torch.Tensor, after: torch.Tensor, truth: torch.Tensor, path: Path,
+                     title: str) -> None:
+    """Reliability diagram: accuracy against confidence per bin, before and after calibration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = np.linspace(0, 1, ECE_BINS + 1)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
+    for log_probs, name in ((before, "before"), (after, "after")):
+        confidence, predicted = log_probs.exp().max(-1)
+        correct = (predicted == truth).numpy()
+        which = np.clip(np.digitize(confidence.numpy(), edges[1:-1], right=True), 0, ECE_BINS - 1)
+        used = [b for b in range(ECE_BINS) if (which == b).any()]
+        ece = expected_calibration_error(confidence.numpy(), correct)
+        ax.plot([confidence.numpy()[which == b].mean() for b in used], [correct[which == b].mean() for b in used],
+                marker="o", label=f"{name} (ECE {ece:.3f})")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: Recipe | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Score a labelled split with the run's adapter; record it as the block of RUN_DIR/metrics.json
@@ -156,7 +195,7 @@ def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: R
     # The adapter is scored whatever ships, so that the table shows what it adds; the shipped
     # scores are the calibration's candidate over the same rows.
     predictor = Predictor.from_run(run, recipe, calibrated=False)
-    calibration = calibrate.load(run, labels)
+    calibration = load_calibration(run, labels)
     names = rows["product_name"].tolist()
     adapter = predictor.predict(names, progress, calibrated=False)  # calibration's, when it scored these rows
     start = time.perf_counter()
@@ -182,13 +221,13 @@ def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: R
         block["adapter"] = short_metrics(truth, adapter.labels, labels)
         uncalibrated = calibration.blended(adapter.log_probs, offsets).log_softmax(-1)
         block["calibration"] = {"temperature": calibration.temperature,
-                                "before": calibrate.confidence_report(uncalibrated, truth_index),
-                                "after": calibrate.confidence_report(shipped.log_probs, truth_index)}
-        calibrate.plot_reliability(uncalibrated, shipped.log_probs, truth_index, run / f"calibration_{split}.png",
+                                "before": confidence_report(uncalibrated, truth_index),
+                                "after": confidence_report(shipped.log_probs, truth_index)}
+        plot_reliability(uncalibrated, shipped.log_probs, truth_index, run / f"calibration_{split}.png",
                                    f"{run.name}: {split} ({len(truth)} rows)")
     else:
         block["calibration"] = {"temperature": None,
-                                "after": calibrate.confidence_report(adapter.log_probs, truth_index)}
+                                "after": confidence_report(adapter.log_probs, truth_index)}
     if recipe.eval.baseline and train is not None:
         block["baseline"], baseline_predicted = baseline_metrics(train_path, train, rows, labels, level)
         block["versus_baseline"] = {"shipped": paired_bootstrap(truth, shipped.labels, baseline_predicted, labels)}

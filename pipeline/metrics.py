@@ -1,12 +1,14 @@
 """The measures every stage agrees on: accuracy, macro-F1 and per-label figures of a labelled split,
-and the paired bootstrap that says whether two predictors of the same rows differ. Light: the
-calibration's choice of candidate and the evaluation both use it."""
+the paired bootstrap that says whether two predictors of the same rows differ, and how well
+confidences are calibrated (ECE, NLL). The calibration's choice of candidate and the evaluation
+both use them."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 
@@ -55,3 +57,35 @@ def paired_bootstrap(truth: list[str], ours: list[str], theirs: list[str], label
         result[name] = {"difference": round(float(point), 4), "low": round(float(low), 4),
                         "high": round(float(high), 4)}
     return result
+
+
+ECE_BINS = 15
+CONFIDENT = 0.9
+"""The confidence a reviewer trusts a label at: its share of rows and their accuracy are reported."""
+
+
+def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Sum over equal-width confidence bins of |accuracy - mean confidence| x the bin's share."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidences, edges[1:-1], right=True), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            error += mask.mean() * abs(correct[mask].mean() - confidences[mask].mean())
+    return float(error)
+
+
+def negative_log_likelihood(log_probs: torch.Tensor, truth: torch.Tensor) -> float:
+    return float(-log_probs.gather(1, truth[:, None]).mean())
+
+
+def confidence_report(log_probs: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """ECE, NLL, and the share and accuracy of rows at confidence >= ``CONFIDENT``."""
+    confidence, predicted = log_probs.exp().max(-1)
+    correct = (predicted == truth).numpy()
+    confident = (confidence >= CONFIDENT).numpy()
+    return {"ece": round(expected_calibration_error(confidence.numpy(), correct), 4),
+            "nll": round(negative_log_likelihood(log_probs, truth), 4),
+            "confident_share": round(float(confident.mean()), 4),
+            "confident_accuracy": round(float(correct[confident].mean()), 4) if confident.any() else None}

@@ -2,7 +2,7 @@
 
 ``evaluate``, ``label`` and the benchmarks all score through a :class:`Predictor`, so they load
 the same merged model the same way, choose the same scorer and cut names at the same prompt
-budget, and apply the run's calibration (``pipeline.calibrate``: the blend with the lexical model
+budget, and apply the run's calibration (``pipeline.shipped``: the blend with the lexical model
 and the temperature, fitted on validation) when it has one. A ``SWEEP_DIR/promoted`` link is a
 run directory like any other.
 """
@@ -18,12 +18,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from pipeline import calibrate, scoring
+from pipeline import scoring
 from pipeline.atomic import sha256_file
 from pipeline.config import Recipe, load_recipe
 from pipeline.data import read_labels, read_taxonomy
 from pipeline.errors import ConfigError, ModelError
 from pipeline.model import InferencePath, inference_path, load_for_inference, run_tokenizer, train_device
+from pipeline.shipped import Calibration, lexical_sha256, load_calibration, shipped_candidate
 
 
 def run_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -47,8 +48,8 @@ def run_identity(run_dir: str | Path) -> dict[str, str | None]:
     if not weights.is_file():
         raise ModelError(f"{run}: no adapter/adapter_model.safetensors (not a finished run directory)")
     adapter = sha256_file(weights)
-    shipped = calibrate.shipped_candidate(run) or "adapter"
-    lexical = calibrate.lexical_sha256(run) if shipped != "adapter" else None
+    shipped = shipped_candidate(run) or "adapter"
+    lexical = lexical_sha256(run) if shipped != "adapter" else None
     if shipped == "lexical":
         labeled_by = f"lexical@{lexical[:12]}"
     else:
@@ -122,7 +123,7 @@ class Predictor:
     path: InferencePath | None
     """dtype and compiled or not (``eval.dtype``, ``eval.compile``), resolved for this machine;
     None without a language model."""
-    calibration: calibrate.Calibration | None = None
+    calibration: Calibration | None = None
     identity: dict[str, str | None] = field(default_factory=dict)
     """``labeled_by`` and the hashes behind it (:func:`run_identity`)."""
     level: str = "department"
@@ -142,7 +143,7 @@ class Predictor:
         tree = read_taxonomy(run / "taxonomy.json")
         level = recipe.data.label_level
         parent = tree["parent"][level] if tree and level != "department" else None
-        calibration = calibrate.load(run, labels) if calibrated else None
+        calibration = load_calibration(run, labels) if calibrated else None
         if calibration is not None and not calibration.needs_adapter:  # no language model to load
             return cls(run_dir=run, recipe=recipe, model=None, tokenizer=None, labels=labels, texts=labels,
                        scorer="lexical", max_prompt_tokens=recipe.train.max_length,

@@ -16,8 +16,9 @@ from sklearn.metrics import accuracy_score, f1_score
 from pipeline import baseline, calibrate
 from pipeline.evaluate import evaluate, format_table
 from pipeline.label import label_catalogs
-from pipeline.metrics import paired_bootstrap
+from pipeline.metrics import confidence_report, expected_calibration_error, paired_bootstrap
 from pipeline.predict import Predictor, run_identity, run_recipe
+from pipeline.shipped import CALIBRATION_FILE, lexical_sha256, load_calibration
 
 
 def overconfident_case(rows: int = 4000, labels: int = 8, sharpen: float = 4.0, seed: int = 0):
@@ -30,9 +31,9 @@ def overconfident_case(rows: int = 4000, labels: int = 8, sharpen: float = 4.0, 
 
 def test_the_temperature_undoes_overconfidence_and_lowers_nll():
     scores, truth = overconfident_case()
-    before = calibrate.confidence_report(scores.log_softmax(-1), truth)
+    before = confidence_report(scores.log_softmax(-1), truth)
     temperature = calibrate.fit_temperature(scores, truth)
-    after = calibrate.confidence_report((scores / temperature).log_softmax(-1), truth)
+    after = confidence_report((scores / temperature).log_softmax(-1), truth)
     assert temperature == pytest.approx(4.0, rel=0.15)
     assert after["nll"] < before["nll"] and after["ece"] < before["ece"] / 3
 
@@ -41,7 +42,7 @@ def test_expected_calibration_error_by_hand():
     confidences = np.array([0.95, 0.95, 0.95, 0.95, 0.35, 0.35])
     correct = np.array([1, 1, 1, 0, 1, 0])
     # bin of 0.95: accuracy 0.75, gap 0.2, share 4/6; bin of 0.35: accuracy 0.5, gap 0.15, share 2/6
-    assert calibrate.expected_calibration_error(confidences, correct) == pytest.approx(0.2 * 4 / 6 + 0.15 * 2 / 6)
+    assert expected_calibration_error(confidences, correct) == pytest.approx(0.2 * 4 / 6 + 0.15 * 2 / 6)
 
 
 def test_the_blend_weight_is_chosen_on_validation():
@@ -107,7 +108,7 @@ def test_paired_bootstrap_matches_the_point_figures_and_brackets_them():
 
 def test_calibration_is_fitted_on_validation_and_recorded(calibrated_run, data_dir):
     run, result = calibrated_run
-    saved = json.loads((run / calibrate.CALIBRATION_FILE).read_text())
+    saved = json.loads((run / CALIBRATION_FILE).read_text())
     assert saved == json.loads(json.dumps(result))
     assert saved["fitted_on"].endswith("validation.parquet") and saved["n_validation"] == 300
     assert saved["temperature"] > 0
@@ -122,7 +123,7 @@ def test_the_lexical_model_round_trips_through_the_run_directory(calibrated_run,
     names = pd.read_parquet(data_dir / "test.parquet")["product_name"].head(100).tolist()
     labels = json.loads((run / "labels.json").read_text())
     fitted = baseline.fitted(data_dir / "train.parquet", pd.read_parquet(data_dir / "train.parquet"))
-    loaded = calibrate.load(run, labels)
+    loaded = load_calibration(run, labels)
     assert np.array_equal(baseline.decision_matrix(loaded.lexical, names, labels),
                           baseline.decision_matrix(fitted["model"], names, labels))
 
@@ -166,7 +167,7 @@ def test_a_run_that_ships_the_lexical_model_labels_without_the_language_model(ca
         assert figures["temperature"] > 0 and 0 <= figures["ece"] <= 1 and figures["products_per_s"] > 0
     assert result["temperature"] == result["candidates"]["lexical"]["temperature"]
     identity = run_identity(run)
-    assert identity["labeled_by"] == f"lexical@{calibrate.lexical_sha256(run)[:12]}"
+    assert identity["labeled_by"] == f"lexical@{lexical_sha256(run)[:12]}"
 
     test = pd.read_parquet(data_dir / "test.parquet").head(200)
     catalog = tmp_path / "catalog.parquet"
@@ -179,7 +180,7 @@ def test_a_run_that_ships_the_lexical_model_labels_without_the_language_model(ca
         label_catalogs(run, [str(catalog)], tmp_path / "labeled", progress=False)
     labeled = pd.read_parquet(tmp_path / "labeled" / "catalog.parquet")
     assert (labeled["labeled_by"] == identity["labeled_by"]).all()
-    lexical = calibrate.load(run, json.loads((run / "labels.json").read_text())).lexical
+    lexical = load_calibration(run, json.loads((run / "labels.json").read_text())).lexical
     assert labeled["department"].tolist()[:-1] == [str(p) for p in lexical.predict(test["product_name"][:-1].tolist())]
     assert labeled["label_status"].tolist()[-1] == "empty_name" and labeled["department"].isna().tolist()[-1]
     manifest = json.loads(next((tmp_path / "labeled").glob("_manifest*/*.json")).read_text())
