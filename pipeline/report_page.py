@@ -104,7 +104,10 @@ earlier label. Files: {summary['files']['labeled']} labeled, {summary['files']['
        [[r["id"], r["name"], r["label"], r["confidence"], r["label_status"], r["top2_label"],
          r["top2_probability"], Path(r["source"]).name, r["row"]] for r in queue], name_column=1)}
 <h2>Failed files</h2>
-{table(["file", "reason"], [[f["file"], f["reason"]] for f in failed]) if failed else "<p>None.</p>"}
+{table(["file", "reason", "rows committed (kept for the rerun)"],
+       [[f["file"], f["reason"], f.get("committed_rows")] for f in failed]) if failed else "<p>None.</p>"}
+<p>{summary['files'].get('resumed_rows', 0):,} rows resumed from an interrupted run;
+{summary['files'].get('failed_rows', 0):,} rows of failed files still to label.</p>
 <h2>Tasks</h2>
 {table(["shard", "job", "finished", "seconds"], [[t["shard"], t["job"], t["finished_at"], t["seconds"]]
                                                  for t in summary["tasks"]])}
