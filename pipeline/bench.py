@@ -384,7 +384,8 @@ def bench_profile(adapter: Path, data: Path, batch_size: int, levers: list[str],
             "paths": records}
 
 
-def bench_quality(run: Path, rescore: bool = True, against: Path | None = None) -> dict[str, Any]:
+def bench_quality(run: Path, rescore: bool = True, against: Path | None = None,
+                  versus: Path | None = None) -> dict[str, Any]:
     """What ``catalog-tuner calibrate`` then ``evaluate`` on validation and test give, in one record.
 
     ``rescore=False`` reads what the run's own training wrote (``metrics.json``, ``calibration.json``)
@@ -424,6 +425,8 @@ def bench_quality(run: Path, rescore: bool = True, against: Path | None = None) 
               "test": summary(metrics["test"])}
     if rescore and calibration.get("candidates"):
         result["candidates_on_test"] = candidates_on_test(run, recipe, calibration)
+    if versus is not None:
+        result["versus_run"] = versus_run(run, versus)
     if against is not None:
         result["department_against_run"] = {"run": str(against), **implied_against_direct(
             run / "predictions_test.parquet", against / "predictions_test.parquet")}
@@ -467,6 +470,33 @@ def candidates_on_test(run: Path, recipe, calibration: dict[str, Any]) -> dict[s
                      "products_per_s": round(len(names) / seconds, 1) if seconds else None,
                      "shipped": name == calibration["shipped"]}
     return out
+
+
+def versus_run(run: Path, other: Path) -> dict[str, Any]:
+    """This run's adapter alone against another run's of the same label level, on the rows both
+    scored, per split (paired bootstrap of this minus the other): an A/B of two trainings."""
+    from pipeline.data import read_labels
+    from pipeline.metrics import paired_bootstrap
+
+    labels = read_labels(run / "labels.json")
+    level = run_recipe_level(run)
+    out = {"run": str(other)}
+    for split in ("validation", "test"):
+        mine, theirs = (run / f"predictions_{split}.parquet", other / f"predictions_{split}.parquet")
+        if not (mine.is_file() and theirs.is_file()):
+            continue
+        both = pd.read_parquet(mine).merge(pd.read_parquet(theirs)[["product_id", "adapter_predicted"]],
+                                           on="product_id", suffixes=("", "_other"))
+        out[split] = {"rows": len(both), "adapter_minus_other_adapter": paired_bootstrap(
+            both[level].tolist(), both["adapter_predicted"].tolist(), both["adapter_predicted_other"].tolist(),
+            labels)}
+    return out
+
+
+def run_recipe_level(run: Path) -> str:
+    from pipeline.predict import run_recipe
+
+    return run_recipe(run).data.label_level
 
 
 def implied_against_direct(aisle_predictions: Path, department_predictions: Path) -> dict[str, Any]:
@@ -1353,6 +1383,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", default="runs/demo")
     p.add_argument("--scored", action="store_true", help="read the run's own evaluation instead of scoring again")
     p.add_argument("--against", help="a department-level run: compare the departments on the test rows both scored")
+    p.add_argument("--versus", help="a run of the same label level: its adapter against this one's, paired")
     p = commands.add_parser("scorers")
     p.add_argument("--adapter", default="runs/demo")
     p.add_argument("--data", default="data/instacart")
@@ -1461,7 +1492,8 @@ def main(argv: list[str] | None = None) -> None:
         result = bench_profile(Path(args.adapter), Path(args.data), args.batch_size, args.levers, args.top)
     elif args.command == "quality":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        result = bench_quality(Path(args.run), not args.scored, Path(args.against) if args.against else None)
+        result = bench_quality(Path(args.run), not args.scored, Path(args.against) if args.against else None,
+                               Path(args.versus) if args.versus else None)
     elif args.command == "scorers":
         result = bench_scorers(Path(args.adapter), Path(args.data), args.products, args.full_products,
                                args.batch_size, args.tolerances, args.dtype)
