@@ -135,6 +135,18 @@ def sweep_id(spec: SweepSpec, recipe_path: str, configs: list[dict[str, Any]]) -
 # --- ranking and promotion -------------------------------------------------------------------
 
 
+def metric_value(block: dict[str, Any], name: str) -> float | None:
+    """A split block's figure for the sweep's ``metric.name``: the block's own (``accuracy``,
+    ``macro_f1``), or ``department_<measure>``, defined for both kinds of run: a department-level
+    run's own figure, an aisle-level run's departments implied by its aisles. So one sweep can rank
+    department-level and aisle-level runs for the department task."""
+    if name.startswith("department_"):
+        measure = name.removeprefix("department_")
+        own = block.get("label_level", "department") == "department"
+        return block.get(measure) if own else block.get("department", {}).get(measure)
+    return block.get(name)
+
+
 def leaderboard(sweep_dir: Path, names: list[str], configs: list[dict[str, Any]], metric: str, goal: str,
                 logs: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Rank finished runs on their validation ``metric``; unfinished ones follow with their log path.
@@ -147,13 +159,14 @@ def leaderboard(sweep_dir: Path, names: list[str], configs: list[dict[str, Any]]
         metrics_path = sweep_dir / "runs" / name / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         validation, test = metrics.get("validation", {}), metrics.get("test", {})
-        rows.append({"run": name, f"validation_{metric}": validation.get(metric),
-                     f"baseline_validation_{metric}": validation.get("baseline", {}).get(metric),
-                     "n_validation": validation.get("n_eval"), f"test_{metric}": test.get(metric),
-                     f"baseline_test_{metric}": test.get("baseline", {}).get(metric),
+        value = metric_value(validation, metric)
+        rows.append({"run": name, f"validation_{metric}": value,
+                     f"baseline_validation_{metric}": baseline_value(validation, metric),
+                     "n_validation": validation.get("n_eval"), f"test_{metric}": metric_value(test, metric),
+                     f"baseline_test_{metric}": baseline_value(test, metric),
                      "train_runtime_s": metrics.get("train_runtime_s"),
                      "ships": validation.get("predictor"),
-                     "status": "ok" if metric in validation else "failed",
+                     "status": "ok" if value is not None else "failed",
                      "log": (logs or {}).get(name, ""), **config})
     ranked_on = f"validation_{metric}"
     finished = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r[ranked_on],
@@ -163,6 +176,12 @@ def leaderboard(sweep_dir: Path, names: list[str], configs: list[dict[str, Any]]
         row["rank"] = rank if row["status"] == "ok" else None
     _write_leaderboard(sweep_dir, ranked, metric)
     return ranked
+
+
+def baseline_value(block: dict[str, Any], name: str) -> float | None:
+    """The baseline's figure for ``name`` on the same rows (an aisle-level run's baseline at the
+    department level: its aisles mapped to their departments)."""
+    return metric_value({"label_level": block.get("label_level"), **block.get("baseline", {})}, name)
 
 
 def _write_leaderboard(sweep_dir: Path, rows: list[dict[str, Any]], metric: str) -> None:
@@ -231,11 +250,13 @@ def write_decision(sweep_dir: Path, decision: dict[str, Any]) -> None:
     write_json_atomic(sweep_dir / "promoted.json", decision)
 
 
-def summarize_test(block: dict[str, Any]) -> dict[str, Any]:
-    """The promoted run's test figures, as promoted.json reports them beside its validation figure."""
+def summarize_test(block: dict[str, Any], metric: str = "accuracy") -> dict[str, Any]:
+    """The promoted run's test figures, as promoted.json reports them beside its validation figure
+    (``metric``: the sweep's, under its own name)."""
     baseline = block.get("baseline", {})
     return {"accuracy": block["accuracy"], "macro_f1": block["macro_f1"], "n_eval": block["n_eval"],
-            "baseline_accuracy": baseline.get("accuracy"), "baseline_macro_f1": baseline.get("macro_f1")}
+            metric: metric_value(block, metric), "baseline_accuracy": baseline.get("accuracy"),
+            "baseline_macro_f1": baseline.get("macro_f1")}
 
 
 # --- the driver --------------------------------------------------------------------------------
@@ -293,7 +314,7 @@ def run_sweep(sweep_path: str, recipe_path: str, output: str, executor_kind: str
         test_data = Path(load_recipe(run_dir / "config.yaml").data.dir) / "test.parquet"
         job = executor.submit(EvaluateTask(profile), str(run_dir), str(test_data))
         try:
-            decision["test"] = summarize_test(job.result())
+            decision["test"] = summarize_test(job.result(), spec.metric)
         except Exception as exc:  # the promotion stands; say why its test figure is missing
             decision["test"] = None
             decision["test_error"] = f"{str(exc).splitlines()[-1] if str(exc) else exc}; log: {job.paths.stdout}"

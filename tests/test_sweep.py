@@ -78,8 +78,8 @@ def test_bad_sweeps_are_rejected(tmp_path, text, message):
         _spec(tmp_path, text)
 
 
-def _block(accuracy: float) -> dict:
-    return {"accuracy": accuracy, "macro_f1": accuracy - 0.1, "n_eval": 100,
+def _block(accuracy: float, predictor: str = "blend") -> dict:
+    return {"accuracy": accuracy, "macro_f1": accuracy - 0.1, "n_eval": 100, "predictor": predictor,
             "baseline": {"name": "tfidf+linear-svm", "accuracy": 0.8, "macro_f1": 0.7}}
 
 
@@ -96,7 +96,7 @@ def test_leaderboard_ranks_lists_failures_and_promotes(tmp_path):
     assert "s-001: /logs/s-001.out" in (tmp_path / "leaderboard.md").read_text()
     csv_lines = (tmp_path / "leaderboard.csv").read_text().splitlines()
     assert csv_lines[0].startswith("rank,run,status,ships,validation_accuracy,baseline_validation_accuracy,")
-    assert csv_lines[1].startswith("1,s-002,ok,0.83,0.8,")  # the model next to the classical baseline
+    assert csv_lines[1].startswith("1,s-002,ok,blend,0.83,0.8,")  # what it ships, next to the classical baseline
     assert (tmp_path / "leaderboard.png").stat().st_size > 0
     decision = promote(tmp_path, ranked, "accuracy", "maximize")
     assert (tmp_path / "promoted").resolve() == (tmp_path / "runs" / "s-002").resolve()
@@ -151,6 +151,24 @@ def test_the_validation_winner_is_promoted_when_test_disagrees(tmp_path):
     decision = promote(tmp_path, ranked, "accuracy", "maximize")
     assert decision["run"] == "b" and decision["ranked_on"] == "validation" and decision["value"] == 0.85
     assert "Ranked on validation_accuracy" in (tmp_path / "leaderboard.md").read_text()
+
+
+def test_one_sweep_ranks_department_and_aisle_runs_on_the_department_task(tmp_path):
+    """metric.name department_accuracy: a department-level run's own accuracy, an aisle-level
+    run's implied departments; the baseline beside each at the department level too."""
+    names, configs = ["dept", "aisle"], [{"data.label_level": "department"}, {"data.label_level": "aisle"}]
+    blocks = {"dept": {**_block(0.85), "label_level": "department"},
+              "aisle": {**_block(0.78), "label_level": "aisle",  # aisle accuracy below, departments above
+                        "department": {"accuracy": 0.87, "macro_f1": 0.78},
+                        "baseline": {"accuracy": 0.77, "department": {"accuracy": 0.86, "macro_f1": 0.77}}}}
+    for name, block in blocks.items():
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "metrics.json").write_text(json.dumps({"validation": block}))
+    ranked = leaderboard(tmp_path, names, configs, "department_accuracy", "maximize")
+    assert [(r["run"], r["validation_department_accuracy"], r["baseline_validation_department_accuracy"])
+            for r in ranked] == [("aisle", 0.87, 0.86), ("dept", 0.85, 0.8)]
+    assert [r["run"] for r in leaderboard(tmp_path, names, configs, "accuracy", "maximize")] == ["dept", "aisle"]
+    assert promote(tmp_path, ranked, "department_accuracy", "maximize")["run"] == "aisle"
 
 
 @pytest.mark.slow
