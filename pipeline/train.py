@@ -146,6 +146,11 @@ class StepLines(TrainerCallback):
                  per_step * (state.max_steps - state.global_step))
 
 
+PATCHED_TRL = "1.16."
+"""The trl release whose private ``trl.trainer.utils._use_triton`` the patch below replaces
+(tests/test_train.py pins its source)."""
+
+
 def project_labelled_positions_only() -> None:
     """Make trl's fused LM head project only the positions that carry a label, on CPU too.
 
@@ -156,7 +161,13 @@ def project_labelled_positions_only() -> None:
     that fifth on tokens whose logits are thrown away. The loss and gradients are the same
     (tested); only the work on masked positions goes.
     """
+    import trl
     import trl.trainer.utils as trl_utils
+
+    if not trl.__version__.startswith(PATCHED_TRL) or not hasattr(trl_utils, "_use_triton"):
+        log.warning("train.completion_only_logits was written for trl %s (installed: %s): left off, every position "
+                    "goes through the LM head", PATCHED_TRL, trl.__version__)
+        return
     from trl.kernels.chunked_logprob import _use_triton
 
     trl_utils._use_triton = lambda device: device.type == "cpu" or _use_triton(device)

@@ -177,6 +177,25 @@ def test_rerun_of_a_finished_run_trains_no_further(tiny_run):
     assert (run / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors").read_bytes() == before
 
 
+def test_the_trl_function_the_logits_patch_replaces_is_the_one_it_was_written_for():
+    """train.completion_only_logits replaces a private trl function: a trl that changes it must
+    be looked at before the patch is trusted again (and the patch turns itself off on another trl)."""
+    import hashlib
+    import inspect
+
+    import trl
+    import trl.trainer.utils as trl_utils
+    from trl.kernels import chunked_logprob
+
+    from pipeline.train import PATCHED_TRL
+
+    assert trl.__version__.startswith(PATCHED_TRL)
+    # the patch rebinds trl.trainer.utils' name for this function, which decides the compaction there
+    source = inspect.getsource(chunked_logprob._use_triton)
+    assert hashlib.sha256(source.encode()).hexdigest()[:16] == "f0510984e05ac05c", source
+    assert "compact = _use_triton(hidden_states.device)" in inspect.getsource(trl_utils)
+
+
 def test_a_signal_asks_for_a_checkpoint_during_training_only(tmp_path):
     """Once training has ended nothing would act on the request, so SIGTERM must reach the
     handler that was there before (by default: end the process, for Slurm to requeue)."""
