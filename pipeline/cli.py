@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from pipeline.config import DataConfig, load_recipe
 from pipeline.errors import EXIT_SOME_FAILED, EXIT_USER_ERROR, Interrupted, UserError
-from pipeline.progress import quiet_library_bars
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -108,6 +108,15 @@ def _report(args: argparse.Namespace) -> None:
     drift = "flagged" if summary["drift"]["flagged"] else "normal"
     print(f"job {summary['job']}: {summary['rows']:,} rows, {summary['labeled']:,} labeled, "
           f"{len(summary['files']['failed'])} failed file(s), drift {drift}\nreport: {folder / 'report.html'}")
+
+
+def quiet_library_bars() -> None:
+    """Off a terminal (a Slurm ``.out`` file), turn off the progress bars of transformers,
+    datasets and the hub, which read these variables when they are imported; our own progress
+    prints whole lines there (``pipeline.progress``). A terminal keeps its bars."""
+    if not sys.stderr.isatty():
+        for variable in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(variable, "1")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,12 +4,11 @@ On a terminal, tqdm's bar. Elsewhere (stderr is a file, as in every batch job) a
 with carriage returns turns into one enormous line, so :class:`LogLines` prints a whole line
 instead, every ``LOG_INTERVAL_S`` seconds and at the end: done/total, rate and time left. The
 libraries' own bars (weight loading, dataset maps, the trainer's) are turned off there
-(:func:`quiet_library_bars`; the trainer's in ``pipeline.train``, which logs steps as lines).
+(``pipeline.cli.quiet_library_bars``; the trainer's in ``pipeline.train``, which logs steps as lines).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from tqdm.auto import tqdm
@@ -47,11 +46,3 @@ def progress_bar(total: int, desc: str, unit: str, disable: bool = False) -> tqd
 
 def on_terminal() -> bool:
     return sys.stderr.isatty()
-
-
-def quiet_library_bars() -> None:
-    """Off a terminal, turn off the progress bars of transformers, datasets and the hub (read from
-    the environment when they are imported: call before that); a terminal keeps them."""
-    if not on_terminal():
-        for variable in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
-            os.environ.setdefault(variable, "1")
