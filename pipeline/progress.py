@@ -9,11 +9,13 @@ libraries' own bars (weight loading, dataset maps, the trainer's) are turned off
 
 from __future__ import annotations
 
+import os
 import sys
 
 from tqdm.auto import tqdm
 
-LOG_INTERVAL_S = 30.0
+LOG_INTERVAL_S = float(os.environ.get("CATALOG_TUNER_LOG_INTERVAL_S", 30))
+"""Seconds between two progress lines in a log file (``CATALOG_TUNER_LOG_INTERVAL_S``)."""
 
 
 class LogLines(tqdm):

@@ -36,8 +36,9 @@ def cluster():
                                            "CATALOG_TUNER_SLURM_DB_PORT": "3317"})
     assert start.returncode == 0, start.stderr
     conf = re.search(r"export SLURM_CONF=(\S+)", start.stdout).group(1)
+    # a progress line a second in the jobs' logs: the tests watch training's steps go by there
     env = {**os.environ, "SLURM_CONF": conf, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "WANDB_MODE": "offline"}
+           "WANDB_MODE": "offline", "CATALOG_TUNER_LOG_INTERVAL_S": "1"}
     yield env
     subprocess.run(["scancel", "--user=root"], env=env)
     subprocess.run([str(REPO / "slurm" / "dev-cluster.sh"), "stop", str(STATE)], env=env, check=True)
