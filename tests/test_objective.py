@@ -34,11 +34,14 @@ def batch(tokenizer) -> dict[str, torch.Tensor]:
 def adapted(base_model):
     from peft import LoraConfig, get_peft_model
 
+    trainable = {name: p.requires_grad for name, p in base_model.named_parameters()}
     torch.manual_seed(0)
     model = get_peft_model(base_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                   init_lora_weights=False))
     yield model
-    model.unload()  # the session's base model, as it was
+    model.unload()  # the session's base model, as it was: without the adapter, and trainable again
+    for name, p in base_model.named_parameters():
+        p.requires_grad_(trainable[name])
 
 
 def test_the_loss_is_the_label_sets_cross_entropy_and_trains_the_adapter_only(adapted, tokenizer):
