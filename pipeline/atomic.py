@@ -4,10 +4,12 @@ imports: the sweep driver uses it too."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,29 @@ def write_atomic(final: Path, write: Callable[[Path], None]) -> None:
         publish(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def point_link(link: Path, target: str | Path) -> None:
+    """Make ``link`` a symlink to ``target`` (relative to the link's folder) with one rename: a
+    reader sees the old target or the new one, never no link (``promoted``, ``_report/latest``)."""
+    tmp = temporary_path(link)
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+@contextmanager
+def file_lock(path: Path, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive ``fcntl`` lock on ``path`` (created if missing, never removed: removing a
+    lock file lets a third process lock a new file while a second waits on the old one). Without
+    ``wait``, a lock another process holds raises :class:`BlockingIOError` at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

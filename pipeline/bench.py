@@ -437,11 +437,13 @@ def candidates_on_test(run: Path, recipe, calibration: dict[str, Any]) -> dict[s
     """Every candidate that competed on validation, scored on the test split for the report (the
     choice was made before, on validation): accuracy, macro-F1, ECE after the candidate's own
     validation temperature, and its scoring speed here (the adapter's is the evaluation's own
-    pass, reused; the lexical model's is timed on the same names)."""
+    pass, reused; the lexical model's is timed on the same names), each scored through
+    ``pipeline.shipped`` as if it shipped."""
     from pipeline import baseline
     from pipeline.data import read_labels, read_split
     from pipeline.metrics import classification_metrics, confidence_report
     from pipeline.predict import Predictor
+    from pipeline.shipped import Calibration
 
     labels = read_labels(run / "labels.json")
     level = recipe.data.label_level
@@ -452,21 +454,16 @@ def candidates_on_test(run: Path, recipe, calibration: dict[str, Any]) -> dict[s
     names, truth = test["product_name"].tolist(), test[level].tolist()
     adapter = Predictor.from_run(run, recipe, calibrated=False).predict(names, calibrated=False)  # evaluate's, kept
     fitted = baseline.fitted(data_dir / "train.parquet", read_split(data_dir / "train.parquet", level=level), level)
-    start = time.perf_counter()
-    decisions = torch.from_numpy(baseline.decision_matrix(fitted["model"], names, labels)).float()
-    lexical_s = time.perf_counter() - start
     index = torch.tensor([labels.index(t) for t in truth])
     out = {}
-    for name, figures in calibration["candidates"].items():
-        scores = {"adapter": adapter.log_probs, "lexical": decisions,
-                  "blend": adapter.log_probs + figures.get("blend_weight", 0.0) * decisions}[name]
-        calibrated = (scores / figures["temperature"]).log_softmax(-1)
-        predicted = [labels[i] for i in calibrated.argmax(-1).tolist()]
-        seconds = {"adapter": adapter.seconds, "lexical": lexical_s,
-                   "blend": (adapter.seconds or 0.0) + lexical_s}[name]
-        metrics = classification_metrics(truth, predicted, labels)
+    for name, figures in calibration["candidates"].items():  # each as if it shipped
+        candidate = Calibration(labels, figures["temperature"], figures.get("blend_weight", 0.0), name,
+                                lexical=fitted["model"])
+        prediction = candidate.apply(adapter, candidate.offsets(names))
+        seconds = ((adapter.seconds or 0.0) if candidate.needs_adapter else 0.0) + candidate.lexical_seconds
+        metrics = classification_metrics(truth, prediction.labels, labels)
         out[name] = {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
-                     "ece": confidence_report(calibrated, index)["ece"], "n_eval": len(truth),
+                     "ece": confidence_report(prediction.log_probs, index)["ece"], "n_eval": len(truth),
                      "products_per_s": round(len(names) / seconds, 1) if seconds else None,
                      "shipped": name == calibration["shipped"]}
     return out

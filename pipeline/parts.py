@@ -19,12 +19,11 @@ Read top to bottom, for one output (an input file, or a shard's piece of one):
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.atomic import sha256_file, write_atomic, write_json_atomic
+from pipeline.atomic import file_lock, sha256_file, write_atomic, write_json_atomic
 from pipeline.errors import FileFailed
 
 log = logging.getLogger(__name__)
@@ -60,22 +59,17 @@ def writing(path: Path) -> Iterator[None]:
 @contextmanager
 def output_lock(path: Path, final: Path, wait: bool) -> Iterator[None]:
     """Hold the lock file ``path`` while ``final`` is labeled; raise :class:`FileFailed` when another
-    process holds it, unless ``wait``. Lock files stay (removing one would let a third process lock
-    a new file while a second still waits on the old one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
+    process holds it, unless ``wait``."""
+    with ExitStack() as held:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.enter_context(file_lock(path, wait=False))
         except BlockingIOError:
             if not wait:
                 raise FileFailed(f"{final} is being labeled by another process (it holds {path}); skipped: run "
                                  "again when it is done, or pass --wait-for-lock") from None
             log.info("%s is being labeled by another process: waiting for it (%s)", final, path)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            held.enter_context(file_lock(path))
+        yield
 
 
 class Parts:

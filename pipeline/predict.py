@@ -210,12 +210,11 @@ class Predictor:
         if not prepared.calibrated:
             raise ModelError(f"{self.run_dir} ships the lexical model alone: no adapter is loaded to score with")
         start = time.perf_counter()
-        usable = [i for i, name in enumerate(prepared.names) if name is not None and str(name).strip()]
+        usable = [name is not None and bool(str(name).strip()) for name in prepared.names]
         nothing = torch.full((len(prepared.names), len(self.labels)), float("nan"))
-        nothing[usable] = 0.0  # the adapter's part of the shipped scores: none
-        statuses = ["ok" if i in set(usable) else "empty_name" for i in range(len(prepared.names))]
-        unscored = scoring.Prediction(["" if i in set(usable) else None for i in range(len(prepared.names))],
-                                      [None] * len(prepared.names), nothing, statuses)
+        nothing[torch.tensor(usable, dtype=torch.bool)] = 0.0  # the adapter's part of the shipped scores: none
+        unscored = scoring.Prediction(["" if ok else None for ok in usable], [None] * len(usable), nothing,
+                                      ["ok" if ok else "empty_name" for ok in usable])
         prediction = self.calibration.apply(unscored, prepared.offsets)
         prediction.seconds = time.perf_counter() - start
         return prediction

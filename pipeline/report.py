@@ -33,7 +33,6 @@ among which the global lowest are.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -41,8 +40,6 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,7 +51,7 @@ import pyarrow.parquet as pq
 from scipy.spatial.distance import jensenshannon
 
 from pipeline import tracking
-from pipeline.atomic import write_atomic, write_json_atomic
+from pipeline.atomic import file_lock, point_link, write_atomic, write_json_atomic
 from pipeline.config import LabelConfig, TrackingConfig
 from pipeline.errors import ReportError
 from pipeline.report_page import render_html
@@ -258,18 +255,10 @@ def read_partials(folder: Path, count: int | None = None) -> tuple[list[dict[str
     return [found[partial_name((i, count))][0] for i in range(count)], ""
 
 
-@contextmanager
-def report_lock(out_dir: Path) -> Iterator[None]:
+def report_lock(out_dir: Path):
     """Held while a job's report, the history and ``latest`` are written: two tasks (of one job or
     two) finishing together merge one after the other, and the second sees the first's work."""
-    root = out_dir / REPORT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return file_lock(out_dir / REPORT_DIR / ".lock")
 
 
 def read_history(out_dir: Path) -> list[dict[str, Any]]:
@@ -281,7 +270,7 @@ def read_history(out_dir: Path) -> list[dict[str, Any]]:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             try:
                 entry = json.loads(line)
-                entries[str(entry["job"])] = {**entries.get(str(entry["job"]), {}), **entry}
+                entries[str(entry["job"])] = entry  # a job merged again keeps its first place
             except (ValueError, KeyError, TypeError):
                 if line.strip():
                     log.warning("%s, line %d: damaged, skipped", path, number)
@@ -296,15 +285,6 @@ def append_history(out_dir: Path, entry: dict[str, Any]) -> None:
         f.write(json.dumps(entry, sort_keys=True).encode() + b"\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def point_latest(out_dir: Path, job: str) -> None:
-    """``_report/latest`` -> ``<job>``, switched with one rename."""
-    root = out_dir / REPORT_DIR
-    tmp = root / f".{LATEST}.tmp-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    os.symlink(job, tmp)
-    os.replace(tmp, root / LATEST)
 
 
 STALE_AFTER_S = 24 * 3600
@@ -375,7 +355,7 @@ def merge_job(out_dir: Path, job: str, count: int | None = None, rebuild: bool =
         write_json_atomic(summary_path, summary)  # last of the three: its presence says the report is whole
         append_history(out_dir, entry)
         if job not in order or order[-1] == job:  # a rebuilt older job does not move latest back
-            point_latest(out_dir, job)
+            point_link(out_dir / REPORT_DIR / LATEST, job)
         prune(out_dir, read_history(out_dir), context.settings.report_keep)
     tracking.log_label_report(folder, summary, review, context.tracking)
     return folder

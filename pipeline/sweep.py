@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
-from pipeline.atomic import write_json_atomic
+from pipeline.atomic import point_link, write_json_atomic
 from pipeline.config import load_profile, load_recipe, read_yaml, shipped_file
 from pipeline.errors import ConfigError
 
@@ -229,11 +229,7 @@ def promote(sweep_dir: Path, ranked: list[dict[str, Any]], metric: str, goal: st
     if not ranked or ranked[0]["status"] != "ok":
         return None
     best = ranked[0]
-    link = sweep_dir / "promoted"
-    tmp = sweep_dir / ".promoted.tmp"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(Path("runs") / best["run"])
-    os.replace(tmp, link)  # atomic: a labeling job never sees a missing link
+    point_link(sweep_dir / "promoted", Path("runs") / best["run"])  # a labeling job never sees no link
     finished = [r for r in ranked if r["status"] == "ok"]
     ranked_on = f"validation_{metric}"
     decision = {"run": best["run"], "run_dir": str((sweep_dir / "runs" / best["run"]).resolve()),
