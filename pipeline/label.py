@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline.atomic import publish, sha256_file, temporary_path, write_json_atomic
-from pipeline.config import LabelConfig
+from pipeline.config import DataConfig, LabelConfig
 from pipeline.errors import FileFailed, LabelError, LabelingInterrupted
 from pipeline.parts import PARTIAL_DIR, Parts, os_reason, output_lock, writing
 from pipeline.predict import Predictor, Prepared, run_recipe
@@ -226,6 +226,15 @@ class Labeler:
         """Time spent so far in the blend's lexical model (0 without a blend)."""
         calibration = self.predictor.calibration
         return calibration.lexical_seconds if calibration else 0.0
+
+
+def catalog_columns(data: DataConfig, text_column: str | None = None,
+                    id_column: str | None = None) -> tuple[str, str]:
+    """(name column, id column) of the catalogs to label: as given, else the ones the run was trained
+    with (its recipe's ``data.text_column`` / ``data.id_column``, which ``train`` takes from the
+    DATA_DIR it prepared), else Instacart's: a shop's next export, shaped like its training data,
+    needs no flag."""
+    return text_column or data.text_column or "product_name", id_column or data.id_column or "product_id"
 
 
 def _check_text_column(source: Path, schema: pa.Schema, column: str) -> None:
@@ -521,12 +530,13 @@ def check_output_folders(units: list[Unit], out_dir: Path, in_place: bool, rows_
 
 def label_catalogs(adapter: str | Path, catalogs: list[str], out_dir: str | Path, *, shard: str | None = None,
                    job: str | None = None, in_place: bool = False, only_missing: bool = False,
-                   fail_fast: bool = False, wait_for_lock: bool = False, text_column: str = "product_name",
-                   id_column: str = "product_id", rows_per_batch: int = 4096, batch_size: int = 64,
+                   fail_fast: bool = False, wait_for_lock: bool = False, text_column: str | None = None,
+                   id_column: str | None = None, rows_per_batch: int = 4096, batch_size: int = 64,
                    progress: bool = True, review_max: int | None = None,
                    overrides: list[str] | None = None) -> list[Outcome]:
     """Label every input row of this shard, then write this task's share of the job's report
-    (``pipeline.report``; ``job``: the labeling job the shard belongs to, by default Slurm's)."""
+    (``pipeline.report``; ``job``: the labeling job the shard belongs to, by default Slurm's);
+    ``text_column`` / ``id_column`` default to the run's (:func:`catalog_columns`)."""
     inputs = find_inputs(catalogs)
     position = parse_shard(shard)
     job = job_id(job)
@@ -544,6 +554,7 @@ def label_catalogs(adapter: str | Path, catalogs: list[str], out_dir: str | Path
     out = Path(out_dir)
     check_output_folders(units, out, in_place, rows_per_batch)
     labeler = Labeler(Path(adapter), batch_size=batch_size, overrides=overrides or [])
+    text_column, id_column = catalog_columns(labeler.predictor.recipe.data, text_column, id_column)
     settings = labeler.predictor.recipe.label
     if review_max is not None:
         settings = dataclasses.replace(settings, review_max=review_max)

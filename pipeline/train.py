@@ -8,6 +8,7 @@ while training, ``checkpoints/``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -28,7 +29,14 @@ from trl import SFTConfig, SFTTrainer
 
 from pipeline import tracking
 from pipeline.config import Recipe, save_recipe
-from pipeline.data import level_labels, prepare, prepare_options, read_split, to_prompt_completion
+from pipeline.data import (
+    adopt_prepared_columns,
+    level_labels,
+    prepare,
+    prepare_options,
+    read_split,
+    to_prompt_completion,
+)
 from pipeline.errors import STOP_FILE, ConfigError, DataError, TrainingInterrupted
 from pipeline.model import (
     adapter_dtype,
@@ -298,6 +306,8 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
     """Train (or resume) the run in RUN_DIR; ``callbacks`` (benchmarks) join the trainer's own."""
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
+    # config.yaml records the shop's column names DATA_DIR was prepared with: labeling reads by them
+    recipe = dataclasses.replace(recipe, data=adopt_prepared_columns(recipe.data))
     check_resumable(run, recipe)
     # Under accelerate/torchrun there is one process per device: the main one writes shared files.
     state = PartialState()
