@@ -27,10 +27,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def shared_mode(path: Path) -> None:
+    """Give ``path`` the mode a plain ``open`` would (0666 less the umask): safetensors writes its
+    files 0600, and run folders are read by other accounts (a nightly job's service user)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def publish(tmp: Path, final: Path) -> None:
-    """fsync a finished temporary file and rename it into place (atomic on one filesystem)."""
+    """fsync a finished temporary file and rename it into place (atomic on one filesystem), with
+    the umask's permissions whatever library wrote it."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    shared_mode(tmp)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
 

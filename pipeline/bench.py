@@ -22,6 +22,9 @@
     refits the run's calibration on validation (blend and temperature), evaluates validation and
     test, and records what the run ships against the adapter alone and the baseline: accuracy,
     macro-F1, paired-bootstrap intervals, calibration, and the departments still behind.
+``python -m pipeline.bench cost --run RUN_DIR [--products N]``
+    each shippable candidate the run's calibration scored, timed here on the first N validation
+    products: products/s, core-hours per million rows, and its validation accuracy and macro-F1.
 ``python -m pipeline.bench train --config RECIPE [--minutes M] [--stop-at A] [--eval-every K] [key=value ...]``
     trains a recipe for a fixed budget (of training time, evaluations excluded) and records
     throughput (s/step, examples/s, tokens/s) and the accuracy curve on a fixed slice of validation
@@ -385,18 +388,19 @@ def bench_profile(adapter: Path, data: Path, batch_size: int, levers: list[str],
 
 
 def bench_quality(run: Path, rescore: bool = True, against: Path | None = None,
-                  versus: Path | None = None) -> dict[str, Any]:
+                  versus: Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """What ``catalog-tuner calibrate`` then ``evaluate`` on validation and test give, in one record.
 
     ``rescore=False`` reads what the run's own training wrote (``metrics.json``, ``calibration.json``)
     instead of scoring again: a long run is not evaluated twice. ``against``, a department-level
     run, compares the department an aisle-level run implies with that run's own predictions on the
-    test rows both scored (paired bootstrap)."""
+    test rows both scored (paired bootstrap). ``overrides`` (``section.key=value``) change the run's
+    recipe for this rescoring, e.g. ``eval.candidates=[lexical,adapter,blend,fused]``."""
     from pipeline import calibrate
     from pipeline.evaluate import evaluate
     from pipeline.predict import run_recipe
 
-    recipe = run_recipe(run)
+    recipe = run_recipe(run, overrides)
     calibrate_s = None
     if rescore:
         start = time.perf_counter()
@@ -420,7 +424,7 @@ def bench_quality(run: Path, rescore: bool = True, against: Path | None = None,
               "machine": machine(), "train_steps": metrics.get("train_steps"),
               "calibrate_seconds": calibrate_s,
               "calibration": {k: calibration.get(k) for k in ("shipped", "rule", "candidates", "versus_best", "blend",
-                                                               "temperature", "validation", "n_validation")},
+                                                               "fused", "temperature", "validation", "n_validation")},
               "validation": summary(metrics["validation"]) if "validation" in metrics else None,  # calibration's own
               "test": summary(metrics["test"])}
     if rescore and calibration.get("candidates"):
@@ -435,11 +439,17 @@ def bench_quality(run: Path, rescore: bool = True, against: Path | None = None,
 
 def candidates_on_test(run: Path, recipe, calibration: dict[str, Any]) -> dict[str, Any]:
     """Every candidate that competed on validation, scored on the test split for the report (the
-    choice was made before, on validation): accuracy, macro-F1, ECE after the candidate's own
-    validation temperature, and its scoring speed here (the adapter's is the evaluation's own
-    pass, reused; the lexical model's is timed on the same names), each scored through
-    ``pipeline.shipped`` as if it shipped."""
-    from pipeline import baseline
+    choice was made before, on validation); the adapter's pass is the evaluation's own, reused."""
+    return score_candidates(run, recipe, calibration, "test", recipe.eval.max_samples)
+
+
+def score_candidates(run: Path, recipe, calibration: dict[str, Any], split: str, rows: int | None) -> dict[str, Any]:
+    """Each candidate of ``calibration`` on the first ``rows`` of DATA_DIR/<split>.parquet, as if
+    it shipped (through ``pipeline.shipped``, with its own validation temperature): accuracy,
+    macro-F1, ECE and scoring speed here. A candidate's time is the adapter's pass where it needs
+    the language model (one pass serves them all) plus its own lexical or fused part; the core
+    count is the torch threads where the model runs, one for the lexical model alone."""
+    from pipeline import baseline, fused
     from pipeline.data import read_labels, read_split
     from pipeline.metrics import classification_metrics, confidence_report
     from pipeline.predict import Predictor
@@ -448,25 +458,45 @@ def candidates_on_test(run: Path, recipe, calibration: dict[str, Any]) -> dict[s
     labels = read_labels(run / "labels.json")
     level = recipe.data.label_level
     data_dir = Path(recipe.data.dir)
-    test = read_split(data_dir / "test.parquet", labels, level)
-    if recipe.eval.max_samples:
-        test = test.head(recipe.eval.max_samples)
-    names, truth = test["product_name"].tolist(), test[level].tolist()
-    adapter = Predictor.from_run(run, recipe, calibrated=False).predict(names, calibrated=False)  # evaluate's, kept
+    frame = read_split(data_dir / f"{split}.parquet", labels, level)
+    if rows:
+        frame = frame.head(rows)
+    names, truth = frame["product_name"].tolist(), frame[level].tolist()
+    adapter = Predictor.from_run(run, recipe, calibrated=False).predict(
+        names, calibrated=False, hidden="fused" in calibration["candidates"])
     fitted = baseline.fitted(data_dir / "train.parquet", read_split(data_dir / "train.parquet", level=level), level)
     index = torch.tensor([labels.index(t) for t in truth])
     out = {}
     for name, figures in calibration["candidates"].items():  # each as if it shipped
         candidate = Calibration(labels, figures["temperature"], figures.get("blend_weight", 0.0), name,
-                                lexical=fitted["model"])
+                                lexical=fitted["model"], fused=fused.load(run, labels) if name == "fused" else None)
         prediction = candidate.apply(adapter, candidate.offsets(names))
         seconds = ((adapter.seconds or 0.0) if candidate.needs_adapter else 0.0) + candidate.lexical_seconds
+        cores = torch.get_num_threads() if candidate.needs_adapter else 1
         metrics = classification_metrics(truth, prediction.labels, labels)
         out[name] = {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
                      "ece": confidence_report(prediction.log_probs, index)["ece"], "n_eval": len(truth),
-                     "products_per_s": round(len(names) / seconds, 1) if seconds else None,
+                     "products_per_s": round(len(names) / seconds, 1) if seconds else None, "cores": cores,
+                     "core_hours_per_million": round(cores * seconds / len(names) * 1e6 / 3600, 3) if seconds else None,
                      "shipped": name == calibration["shipped"]}
     return out
+
+
+def bench_cost(run: Path, products: int, overrides: list[str]) -> dict[str, Any]:
+    """What each shippable candidate of a run costs on this machine and what it is worth on
+    validation: the first ``products`` validation rows scored by each, timed here (products/s,
+    core-hours per million rows), beside the validation figures calibration chose on."""
+    from pipeline.predict import run_recipe
+
+    recipe = run_recipe(run, overrides)
+    calibration = json.loads((run / "calibration.json").read_text())
+    measured = score_candidates(run, recipe, calibration, "validation", products)
+    table = {name: {**measured[name], "validation_accuracy_all_rows": figures["accuracy"],
+                    "validation_macro_f1_all_rows": figures["macro_f1"]}
+             for name, figures in calibration["candidates"].items()}
+    return {"benchmark": "cost", "command": command_line(), "run": str(run), "config": recipe.to_dict(),
+            "machine": machine(), "shipped": calibration["shipped"], "rule": calibration["rule"],
+            "products": products, "candidates": table}
 
 
 def versus_run(run: Path, other: Path) -> dict[str, Any]:
@@ -1381,6 +1411,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scored", action="store_true", help="read the run's own evaluation instead of scoring again")
     p.add_argument("--against", help="a department-level run: compare the departments on the test rows both scored")
     p.add_argument("--versus", help="a run of the same label level: its adapter against this one's, paired")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override the run's recipe for this rescoring (repeatable)")
+    p = commands.add_parser("cost")
+    p.add_argument("--run", default="runs/demo")
+    p.add_argument("--products", type=int, default=2000, help="validation products each candidate scores")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override the run's recipe (e.g. eval.dtype=float32)")
     p = commands.add_parser("scorers")
     p.add_argument("--adapter", default="runs/demo")
     p.add_argument("--data", default="data/instacart")
@@ -1490,7 +1527,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "quality":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         result = bench_quality(Path(args.run), not args.scored, Path(args.against) if args.against else None,
-                               Path(args.versus) if args.versus else None)
+                               Path(args.versus) if args.versus else None, args.set)
+    elif args.command == "cost":
+        result = bench_cost(Path(args.run), args.products, args.set)
     elif args.command == "scorers":
         result = bench_scorers(Path(args.adapter), Path(args.data), args.products, args.full_products,
                                args.batch_size, args.tolerances, args.dtype)

@@ -6,7 +6,9 @@ cheapest wins a tie, and each gets its own temperature.
   model (tens of thousands of products a second on one core); ``adapter``, the tuned model's
   label log-probabilities; ``blend``, those plus w x the lexical model's decision values (the two
   err on different rows: the SVM keeps one weight per word, the model reads a name as a whole),
-  w chosen on validation from a grid.
+  w chosen on validation from a grid; ``fused``, one linear SVM over the TF-IDF features and the
+  tuned model's hidden state (``pipeline.fused``), fitted on the training rows, for first-token
+  label sets.
 - **The choice.** The candidate with the best validation accuracy (then macro-F1), unless a
   cheaper one is within the 95% paired-bootstrap interval of its accuracy: then the cheapest
   of those ships. ``calibration.json`` says which rule decided.
@@ -29,18 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy.optimize import minimize_scalar
 
-from pipeline import baseline
+from pipeline import baseline, fused
 from pipeline.atomic import write_json_atomic
 from pipeline.config import Recipe
 from pipeline.data import read_split
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.metrics import confidence_report, negative_log_likelihood, paired_bootstrap
 from pipeline.predict import Predictor
 from pipeline.scoring import blend_log_probs
-from pipeline.shipped import CALIBRATION_FILE, CANDIDATES, LEXICAL_STEM, lexical_sha256
+from pipeline.shipped import CALIBRATION_FILE, CANDIDATES, EXTRA_MODEL, LEXICAL_STEM, model_sha256
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,24 @@ def choose_candidate(scores: dict[str, torch.Tensor], truth: torch.Tensor, label
     return shipped, rule, versus
 
 
+def training_hidden(run: Path, predictor: Predictor, train_path: Path, level: str, max_rows: int | None,
+                    progress: bool) -> tuple[pd.DataFrame, torch.Tensor]:
+    """The training rows (the first ``max_rows``, as training saw them) and the tuned model's
+    hidden states of their names (the fused candidate's features), cached in the run directory
+    for this adapter and inference path."""
+    train = read_split(train_path, level=level)
+    if max_rows:
+        train = train.head(max_rows)
+    names = train["product_name"].tolist()
+    key = {"adapter_sha256": str(predictor.identity["adapter_sha256"]), "inference_path": predictor.path.name,
+           "max_prompt_tokens": str(predictor.max_prompt_tokens), "rows": str(len(names))}
+    log.info("fused candidate: hidden states of %d training rows", len(names))
+    hidden = fused.cached_hidden(run, train_path, key, lambda: predictor.predict(
+        names, progress=progress, calibrated=False, hidden=True).hidden)
+    usable = torch.isfinite(hidden).all(1)  # an empty name has none
+    return train[usable.numpy()], hidden[usable]
+
+
 def fit(run_dir: str | Path, recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """Score every candidate on DATA_DIR/validation.parquet, fit each one's temperature, choose the
     one to ship and write RUN_DIR/calibration.json (plus the lexical model when it ships)."""
@@ -123,13 +144,25 @@ def fit(run_dir: str | Path, recipe: Recipe, progress: bool = True) -> dict[str,
     column = {label: i for i, label in enumerate(predictor.labels)}
     truth = torch.tensor([column[d] for d in validation[level]])
 
+    unknown = sorted(set(recipe.eval.candidates) - set(CANDIDATES))
+    if unknown:
+        raise ConfigError(f"eval.candidates: {', '.join(unknown)} unknown (candidates: {', '.join(CANDIDATES)})")
+    allowed = [c for c in recipe.eval.candidates if recipe.eval.blend or c == "adapter"]
+    fused_model, fused_fit, train = None, None, None
+    if "fused" in allowed and predictor.scorer != "first_token":
+        fused_fit = {"skipped": f"the fused candidate reads the first-token scorer's hidden states; this run's "
+                                f"labels use the {predictor.scorer} scorer (data.completion=distinct_first)"}
+        log.info("%s", fused_fit["skipped"])
+    elif "fused" in allowed:  # before validation, whose scores then stay cached for evaluate
+        train, train_hidden = training_hidden(run, predictor, data_dir / "train.parquet", level,
+                                              recipe.data.max_train_samples, progress)
+
     log.info("calibrating %s on %d validation rows", run, len(names))
-    adapter_prediction = predictor.predict(names, progress=progress, calibrated=False)
+    adapter_prediction = predictor.predict(names, progress=progress, calibrated=False, hidden=train is not None)
     adapter = adapter_prediction.log_probs
     speed = {"adapter": len(names) / adapter_prediction.seconds if adapter_prediction.seconds else None}
     scores: dict[str, torch.Tensor] = {"adapter": adapter}
     lexical, best, grid = None, 0.0, None
-    allowed = [c for c in recipe.eval.candidates if recipe.eval.blend or c == "adapter"]
     if "lexical" in allowed or "blend" in allowed:  # fitted (or read from its cache) only to be tried
         train_path = data_dir / "train.parquet"
         lexical = baseline.fitted(train_path, read_split(train_path, level=level), level)
@@ -142,6 +175,14 @@ def fit(run_dir: str | Path, recipe: Recipe, progress: bool = True) -> dict[str,
             best, grid = choose_blend(adapter, decisions, truth)
             scores["blend"] = blend_log_probs(adapter, decisions, best)
             speed["blend"] = 1 / (1 / speed["adapter"] + 1 / speed["lexical"]) if speed["adapter"] else None
+    if train is not None:
+        fused_model, fused_fit = fused.fit(train["product_name"].tolist(), train[level].tolist(), train_hidden,
+                                           names, validation[level].tolist(), adapter_prediction.hidden,
+                                           predictor.labels)
+        start = time.perf_counter()
+        scores["fused"] = fused_model.scores(fused_model.lexical_part(names), adapter_prediction.hidden)
+        own = (time.perf_counter() - start) / len(names)
+        speed["fused"] = 1 / (1 / speed["adapter"] + own) if speed["adapter"] else None
     if "adapter" not in allowed and len(scores) > 1:
         del scores["adapter"]  # scored all the same: the blend is built on it
     shipped, rule, versus = choose_candidate(scores, truth, predictor.labels)
@@ -157,11 +198,17 @@ def fit(run_dir: str | Path, recipe: Recipe, progress: bool = True) -> dict[str,
                             **({"blend_weight": best} if name == "blend" else {})}
     temperature = candidates[shipped]["temperature"]
     chosen = scores[shipped]
-    if shipped != "adapter":  # the model before the file that names it
-        baseline.save(lexical, run, LEXICAL_STEM)
-    else:
+    # The models before the file that names them; no stale one beside the run. The fused model is
+    # kept whenever it competed: it is the costly one to refit, and benchmarks score it on test.
+    kept = {EXTRA_MODEL[shipped]} if shipped in ("lexical", "blend") else set()
+    if fused_model is not None:
+        fused.save(fused_model, fused_fit, run)
+        kept.add(fused.STEM)
+    for stem in set(EXTRA_MODEL.values()) - kept:
         for suffix in (".json", ".safetensors"):
-            (run / f"{LEXICAL_STEM}{suffix}").unlink(missing_ok=True)
+            (run / f"{stem}{suffix}").unlink(missing_ok=True)
+    if shipped in ("lexical", "blend"):
+        baseline.save(lexical, run, LEXICAL_STEM)
     result = {
         "fitted_on": str(data_dir / "validation.parquet"),
         "n_validation": len(names),
@@ -172,7 +219,10 @@ def fit(run_dir: str | Path, recipe: Recipe, progress: bool = True) -> dict[str,
         "versus_best": versus,
         "blend": {"kept": shipped == "blend", "weight": best if shipped == "blend" else 0.0, "weights_tried": grid,
                   "lexical": {"name": lexical["name"], "c": lexical["c"], "n_train": lexical["n_train"],
-                              "sha256": lexical_sha256(run) if shipped != "adapter" else None} if lexical else None},
+                              "sha256": model_sha256(run, shipped) if shipped in ("lexical", "blend") else None}
+                  if lexical else None},
+        "fused": {**fused_fit, "sha256": model_sha256(run, "fused") if fused_model is not None else None}
+        if fused_fit else None,
         "temperature": temperature,
         "validation": {"adapter": confidence_report(adapter, truth),
                        "shipped_before_temperature": confidence_report(chosen.log_softmax(-1), truth),

@@ -170,11 +170,12 @@ class EvalConfig:
     baseline: bool = True
     """Report the TF-IDF + linear SVM baseline (``pipeline.baseline``) fitted on the same split."""
     blend: bool = True
-    """After training, try that lexical model, alone and blended with the adapter, against the
-    adapter alone (``pipeline.calibrate``); false tries the adapter alone."""
-    candidates: list[str] = field(default_factory=lambda: ["lexical", "adapter", "blend"])
+    """After training, try that lexical model (alone, blended with the adapter, fused with its
+    hidden states) against the adapter alone (``pipeline.calibrate``); false tries the adapter alone."""
+    candidates: list[str] = field(default_factory=lambda: ["lexical", "adapter", "blend", "fused"])
     """The shippable candidates that compete on validation (``pipeline.shipped.CANDIDATES``);
-    e.g. ``[adapter, blend]`` to ship the language model whatever validation says."""
+    e.g. ``[adapter, blend]`` to ship the language model whatever validation says. ``fused``
+    scores every training row once more with the tuned model (cached in RUN_DIR/hidden/)."""
     splits: list[str] = field(default_factory=lambda: ["validation", "test"])
     """Splits of DATA_DIR scored after training, each a block of metrics.json. A sweep's tasks score
     validation only; the driver scores the promoted run on test, once."""

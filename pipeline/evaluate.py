@@ -197,7 +197,8 @@ def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: R
     predictor = Predictor.from_run(run, recipe, calibrated=False)
     calibration = load_calibration(run, labels)
     names = rows["product_name"].tolist()
-    adapter = predictor.predict(names, progress, calibrated=False)  # calibration's, when it scored these rows
+    adapter = predictor.predict(names, progress, calibrated=False,  # calibration's, when it scored these rows
+                                hidden=bool(calibration and calibration.needs_hidden))
     start = time.perf_counter()
     offsets = calibration.offsets(names) if calibration else None
     shipped = calibration.apply(adapter, offsets) if calibration else adapter
@@ -219,7 +220,7 @@ def evaluate(run_dir: str | Path, data_path: str | Path | None = None, recipe: R
     truth_index = torch.tensor([labels.index(d) for d in truth])
     if calibration:
         block["adapter"] = short_metrics(truth, adapter.labels, labels)
-        uncalibrated = calibration.blended(adapter.log_probs, offsets).log_softmax(-1)
+        uncalibrated = calibration.blended(adapter.log_probs, offsets, adapter.hidden).log_softmax(-1)
         block["calibration"] = {"temperature": calibration.temperature,
                                 "before": confidence_report(uncalibrated, truth_index),
                                 "after": confidence_report(shipped.log_probs, truth_index)}

@@ -24,7 +24,7 @@ from pipeline.config import Recipe, load_recipe
 from pipeline.data import read_labels, read_taxonomy
 from pipeline.errors import ConfigError, ModelError
 from pipeline.model import InferencePath, inference_path, load_for_inference, run_tokenizer, train_device
-from pipeline.shipped import Calibration, lexical_sha256, load_calibration, shipped_candidate
+from pipeline.shipped import EXTRA_MODEL, Calibration, load_calibration, model_sha256, shipped_candidate
 
 
 def run_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -38,7 +38,8 @@ def run_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> Recip
 def run_identity(run_dir: str | Path) -> dict[str, str | None]:
     """What labeled a row: ``labeled_by`` names every artifact that changes labels: the run's name
     and its adapter's hash, plus the lexical model's hash when the run ships a blend
-    (``run@<adapter>+lexical@<lexical>``), or the lexical model's alone when it ships alone
+    (``run@<adapter>+lexical@<lexical>``) or the fused SVM's when that ships
+    (``run@<adapter>+fused@<fused>``), or the lexical model's alone when it ships alone
     (``lexical@<lexical>``).
 
     Cheap (hashes only), so a labeling job fails on a wrong path before loading any model.
@@ -49,12 +50,13 @@ def run_identity(run_dir: str | Path) -> dict[str, str | None]:
         raise ModelError(f"{run}: no adapter/adapter_model.safetensors (not a finished run directory)")
     adapter = sha256_file(weights)
     shipped = shipped_candidate(run) or "adapter"
-    lexical = lexical_sha256(run) if shipped != "adapter" else None
+    extra, stem = model_sha256(run, shipped), EXTRA_MODEL.get(shipped)
     if shipped == "lexical":
-        labeled_by = f"lexical@{lexical[:12]}"
+        labeled_by = f"lexical@{extra[:12]}"
     else:
-        labeled_by = f"{run.resolve().name}@{adapter[:12]}" + (f"+lexical@{lexical[:12]}" if lexical else "")
-    return {"labeled_by": labeled_by, "shipped": shipped, "adapter_sha256": adapter, "lexical_sha256": lexical}
+        labeled_by = f"{run.resolve().name}@{adapter[:12]}" + (f"+{stem}@{extra[:12]}" if extra else "")
+    return {"labeled_by": labeled_by, "shipped": shipped, "adapter_sha256": adapter,
+            "lexical_sha256": extra if stem == "lexical" else None, "fused_sha256": extra if stem == "fused" else None}
 
 
 _merged: dict[tuple, tuple[Any, PreTrainedTokenizerBase]] = {}
@@ -173,10 +175,11 @@ class Predictor:
         return Prepared(names, encoded, offsets)
 
     def predict(self, names: list[str | None] | Prepared, progress: bool = False,
-                calibrated: bool = True) -> scoring.Prediction:
+                calibrated: bool = True, hidden: bool | None = None) -> scoring.Prediction:
         """Labels, confidences, label log-probabilities and statuses, row for row: the shipped
         ones, or with ``calibrated=False`` the adapter's own (``names`` already :meth:`prepare`'d
-        say which they are for).
+        say which they are for). ``hidden`` keeps the model's hidden states in the prediction:
+        by default where the shipped candidate reads them (the fused SVM).
 
         The adapter's own scores of the last list of names are kept for this process: ``train``
         calibrates on validation and then evaluates the same rows with the same adapter, and with
@@ -186,17 +189,20 @@ class Predictor:
         prepared = names if isinstance(names, Prepared) else self.prepare(names, calibrated)
         if self.model is None:
             return self._lexical_predict(prepared)
+        if hidden is None:
+            hidden = bool(self.calibration and self.calibration.needs_hidden)
         key = None
         if not prepared.calibrated:  # labeling batches (shipped) never build the key
             key = (self.identity.get("adapter_sha256"), str(self.run_dir), self.path, self.scorer,
                    tuple(self.labels), tuple(self.texts), self.max_prompt_tokens, tuple(prepared.names))
             model, kept = _adapter_scores.get(key, (None, None))
-            if kept is not None and model() is self.model:
+            if kept is not None and model() is self.model and (kept.hidden is not None or not hidden):
                 return kept
         start = time.perf_counter()
         search = self.search_space(prepared.offsets) if prepared.calibrated else None
         prediction = scoring.predict(self.model, self.tokenizer, prepared.encoded, self.labels, scorer=self.scorer,
-                                     batch_size=self.batch_size, progress=progress, search=search, texts=self.texts)
+                                     batch_size=self.batch_size, progress=progress, search=search, texts=self.texts,
+                                     hidden=hidden)
         prediction.seconds = time.perf_counter() - start
         if key is not None:
             _adapter_scores.clear()

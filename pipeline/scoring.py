@@ -61,6 +61,9 @@ class Prediction:
     """``ok``, ``empty_name``, or ``truncated`` (the name kept its head within the prompt budget)."""
     seconds: float | None = None
     """Wall time of the scoring that made it, where it was timed (a reused prediction keeps it)."""
+    hidden: torch.Tensor | None = None
+    """(names, hidden size) float32: the decoder's last hidden state at each prompt's end, where
+    asked for (the fused candidate's features, ``pipeline.fused``); rows of NaN where the name is empty."""
 
 
 def label_token_ids(tokenizer: PreTrainedTokenizerBase, labels: list[str], eos: bool = True) -> list[list[int]]:
@@ -228,8 +231,9 @@ def head_logits(model, hidden: torch.Tensor, token_ids: torch.Tensor | None = No
 
 @torch.inference_mode()
 def first_token_log_probs(model, tokenizer, prompts: list[list[int]], labels: list[str], batch_size: int = 64,
-                          progress: bool = True) -> torch.Tensor:
-    """Log-softmax over the labels' first-token logits at each prompt's end: (n_prompts, n_labels)."""
+                          progress: bool = True, hidden_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-softmax over the labels' first-token logits at each prompt's end: (n_prompts, n_labels).
+    ``hidden_out`` (n_prompts, hidden size), where given, receives the hidden states they are read from."""
     first_ids = torch.tensor([ids[0] for ids in label_token_ids(tokenizer, labels, eos=False)])
     if len(set(first_ids.tolist())) != len(labels):
         raise ConfigError("eval.scorer=first_token, but the labels share a first token: use auto or full")
@@ -242,6 +246,8 @@ def first_token_log_probs(model, tokenizer, prompts: list[list[int]], labels: li
             hidden = decoder(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                              use_cache=False).last_hidden_state[:, -1]
             out[batch] = head_logits(model, hidden, first_ids).float().log_softmax(-1).cpu()
+            if hidden_out is not None:
+                hidden_out[batch] = hidden.float().cpu()
             bar.update(len(batch))
     return out
 
@@ -692,12 +698,13 @@ def label_log_probs(model, tokenizer, prompts: list[list[int]], labels: list[str
 
 def predict(model, tokenizer, names: list[str | None] | Encoded, labels: list[str], *, scorer: str = "auto",
             batch_size: int = 64, max_prompt_tokens: int | None = None, progress: bool = False,
-            search: SearchSpace | None = None, texts: list[str] | None = None) -> Prediction:
+            search: SearchSpace | None = None, texts: list[str] | None = None, hidden: bool = False) -> Prediction:
     """Score raw product names (or names already :func:`encode_names`'d) against the label set;
     empty names get no label. With ``search`` (offsets row for row with ``names``) the trie
     scorer's labels come from :func:`trie_search_log_probs`, in that space. ``texts`` are what
     the model writes for each label (:func:`completion_texts`; the labels themselves by default):
-    they are scored, the labels are reported."""
+    they are scored, the labels are reported. ``hidden`` keeps each prompt's last hidden state
+    (:attr:`Prediction.hidden`), which only the first-token scorer reads."""
     encoded = names if isinstance(names, Encoded) else encode_names(tokenizer, names, max_prompt_tokens)
     written = texts or labels
     usable = encoded.usable
@@ -705,8 +712,18 @@ def predict(model, tokenizer, names: list[str | None] | Encoded, labels: list[st
     predicted: list[str | None] = [None] * encoded.size
     confidences: list[float | None] = [None] * encoded.size
     statuses = ["empty_name"] * encoded.size
+    states = None
+    if hidden:
+        if choose_scorer(scorer, tokenizer, written) != "first_token":
+            raise ConfigError("hidden states are read by the first-token scorer only (the fused candidate "
+                              "needs labels whose first tokens differ: data.completion=distinct_first)")
+        states = torch.full((encoded.size, model.config.get_text_config().hidden_size), float("nan"))
     if usable:
-        if search is not None and choose_scorer(scorer, tokenizer, written) == "trie":
+        if states is not None:
+            kept = torch.empty((len(usable), states.shape[1]))
+            scored = first_token_log_probs(model, tokenizer, encoded.prompts, written, batch_size, progress, kept)
+            states[usable] = kept
+        elif search is not None and choose_scorer(scorer, tokenizer, written) == "trie":
             space = SearchSpace(search.offsets[usable], search.temperature, search.tolerance)
             scored = trie_search_log_probs(model, tokenizer, encoded.prompts, written, space, batch_size, progress)
         else:
@@ -716,7 +733,7 @@ def predict(model, tokenizer, names: list[str | None] | Encoded, labels: list[st
         for k, i in enumerate(usable):
             predicted[i], confidences[i] = best.labels[k], best.confidence[k]
             statuses[i] = "truncated" if encoded.truncated[k] else "ok"
-    return Prediction(predicted, confidences, log_probs, statuses)
+    return Prediction(predicted, confidences, log_probs, statuses, hidden=states)
 
 
 def blend_log_probs(log_probs: torch.Tensor, lexical_scores: torch.Tensor, weight: float) -> torch.Tensor:

@@ -28,6 +28,7 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from pipeline import tracking
+from pipeline.atomic import shared_mode
 from pipeline.config import Recipe, save_recipe
 from pipeline.data import (
     adopt_prepared_columns,
@@ -396,6 +397,7 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
         shutil.copyfile(data_dir / "taxonomy.json", run / "taxonomy.json")
     trainer.model.save_pretrained(run / "adapter")
     tokenizer.save_pretrained(run / "adapter")
+    shared_mode(run / "adapter" / "adapter_model.safetensors")
     write_loss_log(trainer.state.log_history, run)
     steps = trainer.state.global_step
     metrics = {

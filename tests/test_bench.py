@@ -123,3 +123,24 @@ def test_curve_stops_the_training_once_it_reaches_stop_at(adapter_run, data_dir)
                           processing_class=tokenizer)
         assert [p["step"] for p in curve.points] == [2]
         assert control.should_training_stop is stops
+
+
+def test_cost_scores_each_candidate_as_it_ships(calibrated_run, data_dir, tmp_path):
+    """``bench cost`` times every candidate the calibration scored; the shipped one's labels on
+    the rows it timed are evaluate's on the same rows, so the price is that of what ships."""
+    import shutil
+
+    from pipeline.bench import bench_cost
+    from pipeline.evaluate import evaluate
+    from pipeline.predict import run_recipe
+
+    run = tmp_path / "run"
+    shutil.copytree(calibrated_run[0], run)
+    result = bench_cost(run, 80, [])
+    calibration = json.loads((run / "calibration.json").read_text())
+    assert set(result["candidates"]) == set(calibration["candidates"]) and result["shipped"] == calibration["shipped"]
+    for name, cost in result["candidates"].items():
+        assert cost["n_eval"] == 80 and cost["products_per_s"] > 0 and cost["core_hours_per_million"] > 0
+        assert cost["shipped"] == (name == calibration["shipped"])
+    metrics = evaluate(run, data_dir / "validation.parquet", run_recipe(run, ["eval.max_samples=80"]), progress=False)
+    assert result["candidates"][calibration["shipped"]]["accuracy"] == round(metrics["validation"]["accuracy"], 4)

@@ -18,7 +18,7 @@ from pipeline.evaluate import evaluate, format_table
 from pipeline.label import label_catalogs
 from pipeline.metrics import confidence_report, expected_calibration_error, paired_bootstrap
 from pipeline.predict import Predictor, run_identity, run_recipe
-from pipeline.shipped import CALIBRATION_FILE, lexical_sha256, load_calibration
+from pipeline.shipped import CALIBRATION_FILE, load_calibration, model_sha256
 
 
 def overconfident_case(rows: int = 4000, labels: int = 8, sharpen: float = 4.0, seed: int = 0):
@@ -167,7 +167,7 @@ def test_a_run_that_ships_the_lexical_model_labels_without_the_language_model(ca
         assert figures["temperature"] > 0 and 0 <= figures["ece"] <= 1 and figures["products_per_s"] > 0
     assert result["temperature"] == result["candidates"]["lexical"]["temperature"]
     identity = run_identity(run)
-    assert identity["labeled_by"] == f"lexical@{lexical_sha256(run)[:12]}"
+    assert identity["labeled_by"] == f"lexical@{model_sha256(run, 'lexical')[:12]}"
 
     test = pd.read_parquet(data_dir / "test.parquet").head(200)
     catalog = tmp_path / "catalog.parquet"
