@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import baseline
-from pipeline.bench import machine
+from pipeline.bench.machine import machine
 from pipeline.data import read_split
 from pipeline.predict import Predictor, run_recipe
 

@@ -9,13 +9,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.bench import (
-    batches_padding_share,
-    implied_against_direct,
-    parse_generation,
-    synthetic_catalog,
-    top_level_time_us,
-)
+from pipeline.bench.label import parse_generation, synthetic_catalog
+from pipeline.bench.quality import implied_against_direct
+from pipeline.bench.train import batches_padding_share, top_level_time_us
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["dairy eggs", "frozen", "snacks", "pets"]
@@ -106,7 +102,7 @@ def test_curve_stops_the_training_once_it_reaches_stop_at(adapter_run, data_dir)
 
     from transformers import TrainerControl, TrainerState
 
-    from pipeline.bench import AccuracyCurve
+    from pipeline.bench.train import AccuracyCurve
     from pipeline.data import read_split
     from pipeline.predict import Predictor
 
@@ -130,7 +126,7 @@ def test_cost_scores_each_candidate_as_it_ships(calibrated_run, data_dir, tmp_pa
     the rows it timed are evaluate's on the same rows, so the price is that of what ships."""
     import shutil
 
-    from pipeline.bench import bench_cost
+    from pipeline.bench.quality import bench_cost
     from pipeline.evaluate import evaluate
     from pipeline.predict import run_recipe
 

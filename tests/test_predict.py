@@ -28,7 +28,7 @@ def test_evaluate_label_and_bench_agree_on_200_validation_products(adapter_run, 
     record batches and the benchmark batch names differently (results/README.md)."""
     import shutil
 
-    from pipeline.bench import bench_label
+    from pipeline.bench.label import bench_label
     from pipeline.evaluate import evaluate
     from pipeline.label import label_catalogs
 

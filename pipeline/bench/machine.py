@@ -1,0 +1,84 @@
+"""The machine a benchmark ran on, and the command that ran it: what every result records."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued kernels, so that a timer measures their work and not their launch."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def matmul_peak_gflops(dtype: torch.dtype, max_size: int = 2048, budget_s: float = 1.0, device: str = "cpu") -> float:
+    """GFLOP/s of square matmuls in ``dtype`` on ``device``, the largest size up to ``max_size``
+    that fits the budget.
+
+    Fixed 2048-wide products took minutes where bf16 is emulated (0.3 GFLOP/s on an AVX2-only CPU):
+    the size doubles only while one product stays well inside the budget.
+    """
+    size, seconds = 256, 0.0
+    while True:
+        a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+        if device != "cpu":
+            a @ b  # a GPU's first product also starts its BLAS library: never the one timed
+        synchronize()
+        start = time.perf_counter()
+        a @ b  # also the warm-up
+        synchronize()
+        seconds = time.perf_counter() - start
+        if size >= max_size or seconds * 8 > budget_s / 4:  # the next size costs 8x
+            break
+        size *= 2
+    repeat = max(1, min(5, int(budget_s / max(seconds, 1e-9))))
+    best = float("inf")
+    for _ in range(3):  # best of three: on a shared 2-core VM one timing came out at 40% of the others
+        start = time.perf_counter()
+        for _ in range(repeat):
+            a @ b
+        synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 * repeat / best / 1e9
+
+
+RELEVANT_CPU_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni",
+                      "avx2")
+
+
+def machine(device: str | None = None) -> dict[str, Any]:
+    """What a throughput figure depends on: results from different machines are not comparable
+    (one dev machine had AMX, bf16 matmuls at 5.9x fp32's rate; another had neither AMX nor
+    AVX512-BF16, bf16 at a third to half of fp32's)."""
+    from pipeline.model import cpu_flags, cpu_has_native_bf16
+
+    cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
+    flags = cpu_flags()
+    record = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+              "device": device, "cpu": cpu_model, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "cpu_flags": [f for f in RELEVANT_CPU_FLAGS if f in flags], "cpu_native_bf16": cpu_has_native_bf16(flags),
+              "matmul_peak_gflops": {"fp32": round(matmul_peak_gflops(torch.float32), 1),
+                                     "bf16": round(matmul_peak_gflops(torch.bfloat16), 1)}}
+    if device and device.startswith("cuda"):
+        # fp32 without TF32 (torch's default for matmuls), as the fp32 paths run
+        record.update({"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
+                       "gpu_memory_gib": round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1),
+                       "gpu_matmul_peak_gflops": {
+                           dtype: round(matmul_peak_gflops(getattr(torch, name), 8192, 2.0, device), 1)
+                           for dtype, name in (("fp32", "float32"), ("bf16", "bfloat16"))}})
+    return record
+
+
+def command_line() -> str:
+    """The command that is running, as a user would retype it."""
+    script = Path(sys.argv[0])
+    module = f"pipeline.{script.parent.name}" if script.name == "__main__.py" else f"{script.parent.name}.{script.stem}"
+    program = f"python -m {module}" if module in ("pipeline.bench", "pipeline.analysis") else sys.argv[0]
+    return " ".join([program, *sys.argv[1:]])
