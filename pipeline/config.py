@@ -143,6 +143,13 @@ class TrainConfig:
     (``pipeline.objective``)."""
     label_smoothing: float = 0.0
     """With ``objective: label_softmax``: the share of the target spread over the other labels."""
+    curve_every: int = 0
+    """Every N optimizer steps, score the first ``curve_samples`` validation products with the
+    model being trained, into RUN_DIR/curve.json (``pipeline.curve``); 0: no curve."""
+    curve_samples: int = 1000
+    stop_at: float | None = None
+    """With a curve: end the training (and save it as final) once a point reaches this validation
+    accuracy, e.g. the lexical model's."""
 
 
 @dataclass

@@ -100,6 +100,12 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued kernels, so that a timer measures their work and not their launch."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def train_device() -> str:
     """This process's device: its own GPU under accelerate/torchrun (LOCAL_RANK), else CPU.
 

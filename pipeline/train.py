@@ -22,7 +22,7 @@ from accelerate import PartialState
 from datasets import Dataset
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import TrainerCallback, TrainerState, TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainerState, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
@@ -30,6 +30,7 @@ from trl import SFTConfig, SFTTrainer
 from pipeline import tracking
 from pipeline.atomic import shared_mode
 from pipeline.config import Recipe, save_recipe
+from pipeline.curve import AccuracyCurve, examples_per_step
 from pipeline.data import (
     adopt_prepared_columns,
     level_labels,
@@ -60,7 +61,8 @@ log = logging.getLogger(__name__)
 TRAINING_SECTIONS = ("data", "model", "lora", "train")
 # ...except these keys, which a resumed run may change (train longer, save more often, move data).
 RESUME_SAFE_KEYS = {"data.dir", "train.max_steps", "train.num_train_epochs", "train.save_steps",
-                    "train.save_total_limit", "train.logging_steps", "train.dataloader_num_workers"}
+                    "train.save_total_limit", "train.logging_steps", "train.dataloader_num_workers",
+                    "train.curve_every", "train.curve_samples", "train.stop_at"}
 
 
 class CheckpointAndStop(TrainerCallback):
@@ -268,11 +270,6 @@ def sft_config(recipe: Recipe, run: Path, device: str) -> SFTConfig:
     )
 
 
-def examples_per_step(args: TrainingArguments) -> int:
-    """Examples one optimizer step consumes, over every process of a data-parallel run."""
-    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-
-
 def write_label_distribution(run: Path, data_dir: Path, labels: list[str], level: str) -> None:
     """RUN_DIR/label_distribution.json: what labeling reports compare their label shares with (the
     whole training split, whatever share of it ``data.max_train_samples`` let this run see)."""
@@ -362,6 +359,9 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
         **objective,
     )
     stopper.trainer = trainer
+    curve = validation_curve(recipe, data_dir, labels, run)
+    if curve is not None:
+        trainer.add_callback(curve)
     compute_dtype = resolve_compute_dtype(recipe.model.bnb_4bit_compute_dtype, device)
     trained_dtype = adapter_dtype(recipe.lora.dtype, compute_dtype, trainer.args.fp16)
     cast_trainable_parameters(trainer.model, trained_dtype)
@@ -380,6 +380,8 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
     else:
         if last:
             log.info("resuming from %s", last)
+            if curve is not None:
+                curve.resume(_step_of(last))
         result = trainer.train(resume_from_checkpoint=last)
     wall = time.perf_counter() - start
     if stopper.requested:
@@ -432,6 +434,22 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
                 metrics = evaluate(run, data_dir / f"{split}.parquet", recipe)
     tracking.log_final_metrics(metrics, recipe)
     return metrics
+
+
+def validation_curve(recipe: Recipe, data_dir: Path, labels: list[str], run: Path) -> AccuracyCurve | None:
+    """The curve ``train.curve_every`` asks for, on the first ``train.curve_samples`` validation
+    rows (a choice made during training is made on validation, never test); None without one."""
+    if not recipe.train.curve_every:
+        if recipe.train.stop_at is not None:
+            raise ConfigError("train.stop_at needs a validation curve: set train.curve_every")
+        return None
+    level = recipe.data.label_level
+    rows = read_split(data_dir / "validation.parquet", labels, level).head(recipe.train.curve_samples)
+    if rows.empty:
+        raise ConfigError(f"train.curve_every: {data_dir / 'validation.parquet'} has no rows (data.validation_size=0)")
+    return AccuracyCurve(rows["product_name"].tolist(), rows[level].tolist(), labels, recipe.train.curve_every,
+                         None, recipe.eval.batch_size, recipe.train.stop_at, recipe.data.completion,
+                         path=run / "curve.json")
 
 
 def final_state(checkpoint: str, recipe: Recipe) -> TrainerState | None:

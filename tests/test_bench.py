@@ -102,7 +102,7 @@ def test_curve_stops_the_training_once_it_reaches_stop_at(adapter_run, data_dir)
 
     from transformers import TrainerControl, TrainerState
 
-    from pipeline.bench.train import AccuracyCurve
+    from pipeline.curve import AccuracyCurve
     from pipeline.data import read_split
     from pipeline.predict import Predictor
 

@@ -96,12 +96,12 @@ def test_the_adapter_trains_in_fp32_unless_the_base_computes_in_bf16(short_model
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_dir, base_model_path):
-    """4 NF4 steps on a 200-example train set, checkpoint every 2 steps."""
+    """4 NF4 steps on a 200-example train set, checkpoint and validation curve every 2 steps."""
     run = tmp_path_factory.mktemp("run")
     recipe = load_recipe(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml", [
         f"data.dir={data_dir}", "data.max_train_samples=200", "train.max_steps=4", "train.save_steps=2",
         "train.per_device_train_batch_size=8", "train.logging_steps=1", "eval.max_samples=48",
-        "model.quantization=4bit",
+        "model.quantization=4bit", "train.curve_every=2", "train.curve_samples=24",
     ])
     metrics = train(recipe, run)
     return run, recipe, metrics
@@ -144,6 +144,9 @@ def test_run_directory_matches_the_contract(tiny_run):
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-4"]
     base = metrics["test"]["majority_class"]
     assert base["label"] == "personal care" and 0 < base["accuracy"] < 1
+    curve = json.loads((run / "curve.json").read_text())
+    assert curve["split"] == "validation" and curve["samples"] == 24 and [p["step"] for p in curve["points"]] == [2, 4]
+    assert all(0 <= p["accuracy"] <= 1 for p in curve["points"])
 
 
 def test_rerun_resumes_from_the_last_checkpoint(tiny_run):
@@ -156,6 +159,9 @@ def test_rerun_resumes_from_the_last_checkpoint(tiny_run):
     assert metrics["train_steps"] == 6
     steps = [h["step"] for h in json.loads((run / "train_log.json").read_text()) if "loss" in h]
     assert steps == [1, 2, 3, 4, 5, 6]  # the log of the first session is kept, no step is redone
+    points = json.loads((run / "curve.json").read_text())["points"]  # and so is its validation curve
+    assert [p["step"] for p in points] == [2, 4, 6]
+    assert points[0]["train_seconds"] < points[1]["train_seconds"] < points[2]["train_seconds"]
 
 
 def test_rerun_of_a_finished_run_trains_no_further(tiny_run):
@@ -317,3 +323,12 @@ def test_inference_merges_an_input_embedding_adapter_without_touching_the_tied_l
     ids = tokenizer(["Bread Rolls ->:"], return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(merged(**ids).logits, trained.eval()(**ids).logits, atol=1e-3)
+
+
+def test_stop_at_needs_a_validation_curve(data_dir, tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.train import validation_curve
+
+    recipe = load_recipe(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml", ["train.stop_at=0.85"])
+    with pytest.raises(ConfigError, match="train.curve_every"):
+        validation_curve(recipe, data_dir, json.loads((data_dir / "labels.json").read_text()), tmp_path)

@@ -10,11 +10,7 @@ from typing import Any
 
 import torch
 
-
-def synchronize() -> None:
-    """Wait for the GPU's queued kernels, so that a timer measures their work and not their launch."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from pipeline.model import synchronize
 
 
 def matmul_peak_gflops(dtype: torch.dtype, max_size: int = 2048, budget_s: float = 1.0, device: str = "cpu") -> float:

@@ -15,68 +15,10 @@ import torch
 from transformers import TrainerCallback
 
 from pipeline.bench.label import MATMUL_OPERATORS
-from pipeline.bench.machine import command_line, machine, synchronize
+from pipeline.bench.machine import command_line, machine
+from pipeline.curve import AccuracyCurve, first_reaching
 
 log = logging.getLogger(__name__)
-
-
-class AccuracyCurve(TrainerCallback):
-    """Times every optimizer step and, every K steps, scores a fixed validation slice with the model being
-    trained. Evaluation time is kept out of ``train_seconds``, so recipes compare on training cost.
-    Stops the training once ``budget_s`` of training time is spent, or once a curve point reaches
-    ``stop_at`` accuracy (a time-to-accuracy run need not train on past its answer)."""
-
-    def __init__(self, names: list[str], truth: list[str], labels: list[str], every: int, budget_s: float | None,
-                 batch_size: int, stop_at: float | None = None, completion: str = "label") -> None:
-        self.names, self.truth, self.labels, self.completion = names, truth, labels, completion
-        self.every, self.budget_s, self.batch_size, self.stop_at = every, budget_s, batch_size, stop_at
-        self.step_seconds: list[float] = []
-        self.points: list[dict[str, Any]] = []
-
-    @property
-    def train_seconds(self) -> float:
-        return sum(self.step_seconds)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        synchronize()
-        self.step_start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
-        from pipeline.train import examples_per_step
-
-        synchronize()
-        self.step_seconds.append(time.perf_counter() - self.step_start)
-        last = state.global_step >= state.max_steps or (self.budget_s and self.train_seconds >= self.budget_s)
-        if self.every and (state.global_step % self.every == 0 or last):
-            self.points.append({"step": state.global_step, "examples": state.global_step * examples_per_step(args),
-                                "train_seconds": round(self.train_seconds, 1),
-                                **self.score(model, processing_class)})
-            log.info("bench: %s", self.points[-1])
-            if self.stop_at is not None and self.points[-1]["accuracy"] >= self.stop_at:
-                control.should_training_stop = True
-        if self.budget_s and self.train_seconds >= self.budget_s:
-            control.should_training_stop = True
-        return control
-
-    def score(self, model, tokenizer) -> dict[str, Any]:
-        from pipeline import scoring
-        from pipeline.evaluate import classification_metrics
-        from pipeline.model import scoring_mode
-
-        start = time.perf_counter()
-        with scoring_mode(model):
-            texts = scoring.completion_texts(tokenizer, self.labels, self.completion)
-            predicted = scoring.predict(model, tokenizer, self.names, self.labels, batch_size=self.batch_size,
-                                        texts=texts).labels
-        metrics = classification_metrics(self.truth, predicted, self.labels)
-        return {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
-                "eval_seconds": round(time.perf_counter() - start, 1)}
-
-
-def first_reaching(points: list[dict[str, Any]], accuracy: float) -> dict[str, Any] | None:
-    """The first curve point at or above ``accuracy`` (a conservative time-to-accuracy)."""
-    hit = next((p for p in points if p["accuracy"] >= accuracy), None)
-    return None if hit is None else {"step": hit["step"], "train_seconds": hit["train_seconds"]}
 
 
 def bench_train(config: str, overrides: list[str], run: Path, minutes: float | None, eval_every: int,
