@@ -19,7 +19,9 @@ Safety rules, in the order a nightly job needs them:
 Work is split into units of consecutive row groups. ``--shard I/N`` takes the I-th of N
 contiguous, row-balanced slices of all units in path order: N array tasks cover the catalog
 exactly once. A file that a shard covers whole keeps its name; a piece of a split file is
-written as ``<stem>.part-<first row group>.parquet`` beside where the whole would be.
+written as ``<stem>.part-<first row group>.parquet`` beside where the whole would be; once it is
+published, the outputs an earlier job wrote for the same rows under another layout are removed
+(:func:`remove_other_layouts`).
 """
 
 from __future__ import annotations
@@ -480,7 +482,37 @@ def _label_locked(labeler: Labeler, unit: Unit, out_dir: Path, final: Path, comm
             "stats": asdict(stats),
         })
     parts.remove()
+    if not in_place:
+        remove_other_layouts(out_dir, unit, source_sha)
     return Outcome(unit, "labeled", rows, resumed_rows, duplicates, stats=stats)
+
+
+def remove_other_layouts(out_dir: Path, unit: Unit, source_sha: str) -> None:
+    """Remove the outputs (and manifests) an earlier job wrote for the same input under another
+    layout, once this unit's output is published: the whole file where it is now split between
+    shards, pieces where it is now whole or cut elsewhere, and any piece of older content. Left
+    there, a reader of OUT_DIR would see those rows twice.
+
+    Only outputs whose rows overlap this unit's (or that came from other bytes) go: the other
+    pieces of tonight's layout, which other shards write at the same time, stay."""
+    stem, suffix = unit.relative.stem, unit.relative.suffix
+    folder = out_dir / MANIFEST_DIR / unit.relative.parent
+    mine = set(unit.row_groups)
+    for manifest in [folder / f"{unit.relative.name}.json", *folder.glob(f"{glob.escape(stem)}.part-*{suffix}.json")]:
+        if manifest.name == f"{unit.output_name.name}.json" or not manifest.is_file():
+            continue
+        try:
+            entry = json.loads(manifest.read_text())
+            if Path(entry["input"]).resolve() != unit.source.resolve():
+                continue
+            stale = entry.get("input_sha256") != source_sha or bool(mine & set(entry.get("row_groups") or []))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a manifest this job can read: left as it is
+        if stale:
+            log.info("%s: removing %s, labeled in another layout (row groups %s)", unit.source,
+                     entry["output"], entry.get("row_groups"))
+            Path(entry["output"]).unlink(missing_ok=True)  # the data first, then the entry that names it
+            manifest.unlink(missing_ok=True)
 
 
 def count_duplicate_ids(parquet: pq.ParquetFile, row_groups: list[int], id_column: str) -> int:

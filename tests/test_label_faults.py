@@ -206,3 +206,28 @@ def test_two_processes_on_one_output_folder_never_interleave(adapter_run, catalo
         assert first.wait() == 0 and second.wait() == 0, log.read_text()[-2000:]
     assert f"skipped {catalog / 'a.parquet'}: {ROWS} rows" in second.stdout.read()
     same_as_reference(out, reference, names=("a.parquet",))
+
+
+def test_a_file_split_one_night_and_whole_the_next_is_never_read_twice(calibrated_run, catalog, tmp_path):
+    """Night 1 splits a.parquet between two shards, night 2 labels it whole, night 3 cuts it in
+    three: after each night OUT_DIR holds each of its rows once, and each output has its manifest.
+    (A run that ships the lexical model: the layouts are what is tested, not the model.)"""
+    import shutil
+
+    from pipeline import calibrate
+    from pipeline.label import label_catalogs
+    from pipeline.predict import run_recipe
+
+    run = tmp_path / "run"
+    shutil.copytree(calibrated_run[0], run)
+    calibrate.fit(run, run_recipe(run, ["eval.max_samples=100", "eval.candidates=[lexical]"]), progress=False)
+    out = tmp_path / "out"
+    for night, shards in (("n1", 2), ("n2", 1), ("n3", 3)):
+        for index in range(shards):
+            label_catalogs(run, [str(catalog)], out, shard=f"{index}/{shards}", job=night, progress=False)
+        outputs = sorted(p.name for p in out.glob("a*.parquet"))
+        rows = pd.concat([pd.read_parquet(out / name) for name in outputs])
+        assert sorted(rows["product_id"]) == list(range(ROWS)), (night, outputs)
+        manifests = sorted(p.name.removesuffix(".json") for p in (out / "_manifest").glob("a*.json"))
+        assert manifests == outputs, night
+    assert outputs != ["a.parquet"]  # night 3 left pieces, night 2's whole file is gone
