@@ -19,7 +19,8 @@ def bench_quality(run: Path, rescore: bool = True, against: Path | None = None,
     """What ``catalog-tuner calibrate`` then ``evaluate`` on validation and test give, in one record.
 
     ``rescore=False`` reads what the run's own training wrote (``metrics.json``, ``calibration.json``)
-    instead of scoring again: a long run is not evaluated twice. ``against``, a department-level
+    instead of scoring again: a long run is not calibrated twice (each candidate is still scored on
+    test, one adapter pass for them all). ``against``, a department-level
     run, compares the department an aisle-level run implies with that run's own predictions on the
     test rows both scored (paired bootstrap). ``overrides`` (``section.key=value``) change the run's
     recipe for this rescoring, e.g. ``eval.candidates=[lexical,adapter,blend,fused]``."""
@@ -54,7 +55,7 @@ def bench_quality(run: Path, rescore: bool = True, against: Path | None = None,
                                                                "fused", "temperature", "validation", "n_validation")},
               "validation": summary(metrics["validation"]) if "validation" in metrics else None,  # calibration's own
               "test": summary(metrics["test"])}
-    if rescore and calibration.get("candidates"):
+    if calibration.get("candidates"):
         result["candidates_on_test"] = candidates_on_test(run, recipe, calibration)
     if versus is not None:
         result["versus_run"] = versus_run(run, versus)
