@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import DataConfig, load_recipe
+from pipeline.config import DataConfig, load_recipe, looks_like_override
 from pipeline.errors import EXIT_SOME_FAILED, EXIT_USER_ERROR, ConfigError, Interrupted, UserError
 
 
@@ -75,7 +75,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from pipeline.sweep import run_sweep
 
     result = run_sweep(args.sweep, args.recipe, args.output or f"runs/sweeps/{Path(args.sweep).stem}",
-                       args.executor, args.profile, args.profile_overrides, args.label_catalog, args.label_output,
+                       args.executor, args.profile, args.overrides, args.label_catalog, args.label_output,
                        args.label_array)
     print((Path(result["sweep_dir"]) / "leaderboard.md").read_text())
     promoted = result["promoted"]
@@ -90,13 +90,17 @@ def _sweep(args: argparse.Namespace) -> int:
 def _label(args: argparse.Namespace) -> int:
     from pipeline.label import label_catalogs, summarize
 
-    outcomes = label_catalogs(args.adapter, args.catalog, args.output, shard=args.shard, job=args.job,
+    # --catalog takes a list, so overrides written right after its paths land in it: no catalog
+    # path reads section.key=value with a recipe section, so they are moved back.
+    catalogs = [c for c in args.catalog if not looks_like_override(c)]
+    overrides = [c for c in args.catalog if looks_like_override(c)] + args.overrides
+    outcomes = label_catalogs(args.adapter, catalogs, args.output, shard=args.shard, job=args.job,
                               in_place=args.in_place,
                               only_missing=args.only_missing, fail_fast=args.fail_fast,
                               wait_for_lock=args.wait_for_lock,
                               text_column=args.text_column, id_column=args.id_column,
                               rows_per_batch=args.rows_per_batch, batch_size=args.batch_size,
-                              review_max=args.review_max, overrides=args.overrides)
+                              review_max=args.review_max, overrides=overrides)
     print(summarize(outcomes))
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
@@ -178,13 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="jobs/recipes/instacart-smollm2.yaml")
     p.add_argument("--executor", choices=["slurm", "local", "debug"], default="slurm")
     p.add_argument("--profile", help="cluster profile YAML (default: jobs/clusters/dev.yaml)")
-    p.add_argument("--profile-set", dest="profile_overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a profile field, e.g. --profile-set time_min=30")
     p.add_argument("--output", help="SWEEP_DIR (default: runs/sweeps/<sweep file name>)")
     p.add_argument("--label-catalog", help="after promotion, queue slurm/label_catalog.sh on this catalog")
     p.add_argument("--label-output", help="OUT_DIR of that labeling (default: SWEEP_DIR/labeled)")
     p.add_argument("--label-array", metavar="SPEC",
                    help="its sbatch --array, one shard per task (default: the script's own, 0-3)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="for every run of the sweep (train.max_steps=500), or the cluster profile's "
+                   "(profile.time_min=30)")
     p.set_defaults(func=_sweep)
 
     p = commands.add_parser("label", help="label Parquet catalogs with a run's adapter (streaming, resumable)")
@@ -208,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-batch", type=int, default=4096, help="rows read, labeled and written at a time")
     p.add_argument("--review-max", type=int, help="rows in the report's review queue (default: the recipe's "
                    "label.review_max, 1000)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="section.key=value",
-                   help="override the run's recipe for this job, e.g. --set eval.compile=true")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="the run's recipe for this job, e.g. eval.compile=true (after the catalogs' paths)")
     p.set_defaults(func=_label)
 
     p = commands.add_parser("report", help="rebuild a labeling job's report from its tasks' partials "

@@ -357,6 +357,25 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
+def split_overrides(overrides: list[str], target: str) -> tuple[list[str], list[str]]:
+    """``(target's overrides without their prefix, the rest)``: every command takes one syntax,
+    ``section.key=value``, and an override of something other than the recipe names its target as
+    the section (``profile.time_min=30`` for the sweep's cluster profile)."""
+    prefix = f"{target}."
+    mine = [item[len(prefix):] for item in overrides if item.startswith(prefix)]
+    return mine, [item for item in overrides if not item.startswith(prefix)]
+
+
+def looks_like_override(text: str) -> bool:
+    """``text`` is ``section.key=value`` for a section of the recipe: what an override put right
+    after a list of paths (``label --catalog a.parquet eval.compile=true``) looks like, as no
+    catalog path does."""
+    key, sep, _ = text.partition("=")
+    section, dot, leaf = key.partition(".")
+    sections = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
+    return bool(sep and dot and leaf) and section in sections
+
+
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge ``update`` into a copy of ``base``."""
     out = dict(base)

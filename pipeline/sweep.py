@@ -28,7 +28,7 @@ from typing import Any
 
 from pipeline import tracking
 from pipeline.atomic import point_link, write_json_atomic
-from pipeline.config import load_profile, load_recipe, read_yaml, shipped_file
+from pipeline.config import load_profile, load_recipe, read_yaml, shipped_file, split_overrides
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -126,9 +126,11 @@ def as_overrides(config: dict[str, Any]) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in sorted(config.items())]
 
 
-def sweep_id(spec: SweepSpec, recipe_path: str, configs: list[dict[str, Any]]) -> str:
-    blob = json.dumps({"spec": spec.__dict__, "recipe": str(recipe_path), "configs": configs}, sort_keys=True,
-                      default=str)
+def sweep_id(spec: SweepSpec, recipe_path: str, configs: list[dict[str, Any]],
+             overrides: list[str] | None = None) -> str:
+    """The W&B group's suffix: the same sweep, recipe, configurations and overrides, the same id."""
+    blob = json.dumps({"spec": spec.__dict__, "recipe": str(recipe_path), "configs": configs,
+                       **({"overrides": overrides} if overrides else {})}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
@@ -259,39 +261,43 @@ def summarize_test(block: dict[str, Any], metric: str = "accuracy") -> dict[str,
 
 
 def run_sweep(sweep_path: str, recipe_path: str, output: str, executor_kind: str = "slurm",
-              profile_path: str | None = None, profile_overrides: list[str] | None = None,
+              profile_path: str | None = None, overrides: list[str] | None = None,
               label_catalog: str | None = None, label_output: str | None = None,
               label_array: str | None = None) -> dict[str, Any]:
-    """Expand, submit as one array, wait, rank, promote; optionally queue the labeling job."""
+    """Expand, submit as one array, wait, rank, promote; optionally queue the labeling job.
+
+    ``overrides`` (``section.key=value``) apply to every run's recipe, under the sweep's own
+    parameters; ``profile.key=value`` ones to the cluster profile."""
     from pipeline.launcher import EvaluateTask, TrainTask, make_executor
 
     spec = load_sweep(sweep_path)
     recipe_path = str(shipped_file(recipe_path, what="recipe file"))  # the tasks may start elsewhere
+    profile_overrides, recipe_overrides = split_overrides(overrides or [], "profile")
     configs = expand(spec)
     if not configs:
         raise ConfigError(f"{sweep_path}: the sweep expands to no configuration")
     for config in configs:  # fail on a typo now, not in every array task
-        if load_recipe(recipe_path, as_overrides(config)).data.validation_size <= 0:
+        if load_recipe(recipe_path, recipe_overrides + as_overrides(config)).data.validation_size <= 0:
             raise ConfigError(f"{recipe_path}: a sweep ranks its runs on validation, and data.validation_size "
                               f"is 0 for {config or 'the recipe'}; set it above 0")
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, recipe_overrides)
     profile = load_profile(profile_path or "jobs/clusters/dev.yaml", profile_overrides)
-    group = f"{spec.name}-{sweep_id(spec, recipe_path, configs)}"
+    group = f"{spec.name}-{sweep_id(spec, recipe_path, configs, recipe_overrides)}"
     sweep_dir = Path(output).resolve()
     (sweep_dir / "runs").mkdir(parents=True, exist_ok=True)
     names = [f"{spec.name}-{i:03d}" for i in range(len(configs))]
     (sweep_dir / "sweep.json").write_text(json.dumps(
         {"name": spec.name, "group": group, "method": spec.method, "metric": spec.metric, "goal": spec.goal,
-         "recipe": recipe_path, "runs": dict(zip(names, configs))}, indent=1) + "\n")
+         "recipe": recipe_path, "overrides": recipe_overrides, "runs": dict(zip(names, configs))}, indent=1) + "\n")
 
     env = {"WANDB_RUN_GROUP": group, "WANDB_DIR": str(sweep_dir), "WANDB_JOB_TYPE": "train",
            "WANDB_PROJECT": recipe.tracking.project, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     task = TrainTask(recipe_path, recipe.launch.accelerate_config, profile, env)
     # Tasks score validation only: the test split is for the one run the driver promotes.
-    overrides = [as_overrides(c) + ["tracking.wandb=true", f"tracking.group={group}", "eval.splits=[validation]"]
-                 for c in configs]
+    run_overrides = [recipe_overrides + as_overrides(c)
+                     + ["tracking.wandb=true", f"tracking.group={group}", "eval.splits=[validation]"] for c in configs]
     executor = make_executor(executor_kind, sweep_dir / "submitit", profile, f"sweep-{spec.name}")
-    jobs = executor.map_array(task, names, overrides, [str(sweep_dir / "runs" / n) for n in names])
+    jobs = executor.map_array(task, names, run_overrides, [str(sweep_dir / "runs" / n) for n in names])
     log.info("submitted %d runs of sweep %s as %s", len(jobs), group, jobs[0].job_id.split("_")[0])
 
     logs = {}

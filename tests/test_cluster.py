@@ -188,7 +188,7 @@ def test_a_run_survives_a_time_limit_signal_then_a_requeue(cluster, tmp_path, da
     steps = 60  # 0.3 s each: time for both signals to land mid-training
     driver = sbatch(cluster, f"--output={tmp_path}/driver-%j.out", "slurm/train_sweep.sh",
                     str(tiny_sweep(tmp_path, data_dir, short_model, steps=steps, ranks=[4], save_steps=1000)),
-                    "--output", str(sweep_dir), "--profile-set", "time_min=5", "--profile-set", "signal_delay_s=60")
+                    "--output", str(sweep_dir), "profile.time_min=5", "profile.signal_delay_s=60")
     array_task = training_under_way(sweep_dir, steps)
     submission = next((sweep_dir / "submitit").glob("*_submission.sh")).read_text()
     assert "#SBATCH --signal=USR2@60" in submission and "#SBATCH --time=5" in submission

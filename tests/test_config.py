@@ -143,3 +143,24 @@ def test_shipped_files_resolve_from_any_working_directory(tmp_path, monkeypatch)
     assert load_profile("jobs/clusters/dev.yaml").name == "mine"  # the user's own file comes first
     with pytest.raises(ConfigError, match="tpu: accelerate config not found"):
         shipped_file("tpu", "jobs/accelerate", what="accelerate config")
+
+
+def test_label_takes_overrides_before_or_after_its_other_options(monkeypatch):
+    """One override syntax: label's section.key=value may follow --catalog's paths (whose list
+    takes them in) or any other option; a Hive-style path with '=' stays a path."""
+    import pipeline.label
+    from pipeline.cli import main
+
+    seen = {}
+
+    def label_catalogs(adapter, catalogs, output, **options):
+        seen.update(catalogs=catalogs, overrides=options["overrides"])
+        return []
+
+    monkeypatch.setattr(pipeline.label, "label_catalogs", label_catalogs)
+    monkeypatch.setattr(pipeline.label, "summarize", lambda outcomes: "")
+    assert main(["label", "--adapter", "run", "--catalog", "shop/date=2026-12-05/a.parquet", "b.parquet",
+                 "eval.compile=true", "--output", "out", "label.review_max=5"]) == 0
+    assert seen == {"catalogs": ["shop/date=2026-12-05/a.parquet", "b.parquet"],
+                    "overrides": ["eval.compile=true", "label.review_max=5"]}
+

@@ -200,11 +200,10 @@ def test_an_interrupted_file_resumes_from_its_last_committed_batch(adapter_run, 
     big.mkdir()
     pq.write_table(pq.read_table(catalog / "a.parquet"), big / "a.parquet", row_group_size=20)
     settings = ["eval.dtype=float32", f"label.overlap={overlap}"]  # exactness is fp32's contract
-    sets = [arg for setting in settings for arg in ("--set", setting)]
     env = {**os.environ, "MKL_CBWR": "COMPATIBLE"}  # read when MKL loads, hence fresh processes only
 
     def label_to_the_end(out: Path) -> None:
-        result = subprocess.run(_label_cmd(adapter_run, big, out, *sets), cwd=REPO, env=env, capture_output=True,
+        result = subprocess.run(_label_cmd(adapter_run, big, out, *settings), cwd=REPO, env=env, capture_output=True,
                                 text=True)
         assert result.returncode == 0, result.stderr[-2000:]
 
@@ -219,7 +218,7 @@ def test_an_interrupted_file_resumes_from_its_last_committed_batch(adapter_run, 
         return sum(record["rows"] for record in parts.values())
 
     for how, part in ((signal.SIGTERM, "part-000002.parquet"), (signal.SIGKILL, "part-000006.parquet")):
-        process = subprocess.Popen(_label_cmd(adapter_run, big, out, *sets), cwd=REPO, env=env,
+        process = subprocess.Popen(_label_cmd(adapter_run, big, out, *settings), cwd=REPO, env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         _stop_when(out, part, process, how)
         if how == signal.SIGTERM:

@@ -23,7 +23,7 @@ from pipeline.errors import LabelError
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "MKL_CBWR": "COMPATIBLE"}
-EXACT = ["--set", "eval.dtype=float32", "--set", "label.overlap=false"]
+EXACT = ["eval.dtype=float32", "label.overlap=false"]
 ROWS = 300
 
 
@@ -40,9 +40,10 @@ def catalog(tmp_path_factory, data_dir) -> Path:
 
 
 def label(adapter, catalog, out, *extra, batch: int = 25, check: int | None = 0) -> subprocess.CompletedProcess:
+    # the overrides right after the catalog's path, where --catalog's list takes them in
     result = subprocess.run([sys.executable, "-m", "pipeline", "label", "--adapter", str(adapter), "--catalog",
-                             str(catalog), "--output", str(out), "--rows-per-batch", str(batch), "--batch-size", "25",
-                             *EXACT, *extra], cwd=REPO, env=ENV, capture_output=True, text=True)
+                             str(catalog), *EXACT, "--output", str(out), "--rows-per-batch", str(batch),
+                             "--batch-size", "25", *extra], cwd=REPO, env=ENV, capture_output=True, text=True)
     if check is not None:
         assert result.returncode == check, result.stderr[-3000:]
     return result

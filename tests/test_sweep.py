@@ -182,20 +182,22 @@ name: local
 method: grid
 parameters:
   lora.r: {{values: [4]}}
-  train.max_steps: {{value: 2}}
   train.per_device_train_batch_size: {{value: 4}}
   data.max_train_samples: {{value: 16}}
   data.dir: {{value: "{data_dir}"}}
-  eval.max_samples: {{value: 16}}
 """)
+    # The command line's overrides reach every run and the driver's test job; the sweep's own
+    # parameters win over them (lora.r).
     result = run_sweep(str(sweep), str(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml"), str(tmp_path / "out"),
-                       "local", str(REPO / "jobs" / "clusters" / "dev.yaml"))
+                       "local", str(REPO / "jobs" / "clusters" / "dev.yaml"),
+                       ["train.max_steps=2", "eval.max_samples=16", "lora.r=8", "profile.time_min=7"])
     promoted = result["promoted"]
     assert promoted["run"] == "local-000" and promoted["ranked_on"] == "validation"
     assert (tmp_path / "out" / "promoted" / "adapter" / "adapter_model.safetensors").is_file()
     run = tmp_path / "out" / "runs" / "local-000"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train_steps"] == 2
+    assert load_recipe(run / "config.yaml").lora.r == 4
     assert load_recipe(run / "config.yaml").eval.splits == ["validation"]  # the task never scored test...
     assert promoted["test"]["accuracy"] == metrics["test"]["accuracy"]  # ...the driver's job did, once
     assert promoted["test"]["n_eval"] == 16 and promoted["value"] == metrics["validation"]["accuracy"]
@@ -209,6 +211,10 @@ def test_a_sweep_without_validation_rows_is_refused(tmp_path):
     sweep.write_text("method: grid\nparameters: {data.validation_size: {values: [0.05, 0]}}\n")
     with pytest.raises(ConfigError, match="ranks its runs on validation"):
         run_sweep(str(sweep), "jobs/recipes/instacart-smollm2.yaml", str(tmp_path / "out"), "debug")
+    sweep.write_text("method: grid\nparameters: {lora.r: {values: [4, 8]}}\n")
+    with pytest.raises(ConfigError, match="ranks its runs on validation"):  # an override reaches the check
+        run_sweep(str(sweep), "jobs/recipes/instacart-smollm2.yaml", str(tmp_path / "out"), "debug", None,
+                  ["data.validation_size=0"])
 
 
 def test_task_command_bare_and_in_apptainer(tmp_path):
