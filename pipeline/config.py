@@ -163,7 +163,7 @@ class EvalConfig:
     trie_tolerance: float = 0.02
     """The trie scorer's shipped predictions (labeling) score exactly only the labels that can
     matter, leaving at most this probability mass per product unscored: the top label is exact,
-    every probability (and department sum) within it (``pipeline.scoring.trie_search_log_probs``).
+    every probability (and department sum) within it (``pipeline.trie.trie_search_log_probs``).
     0 scores every label; smaller costs more (results/README.md, "The trie search"). Calibration
     and ``evaluate`` always score every label."""
     dtype: str = "auto"

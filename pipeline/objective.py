@@ -16,7 +16,7 @@ import torch
 from trl import SFTTrainer
 
 from pipeline.errors import ConfigError
-from pipeline.scoring import head_logits, label_token_ids
+from pipeline.passes import head_logits, label_token_ids
 
 OBJECTIVES = ("lm", "label_softmax")
 IGNORED = -100  # the labels' value where no loss is taken (the prompt, padding)

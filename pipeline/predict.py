@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from pipeline import scoring
+from pipeline import scoring, trie
 from pipeline.atomic import sha256_file
 from pipeline.config import Recipe, load_recipe
 from pipeline.data import read_labels, read_taxonomy
@@ -225,7 +225,7 @@ class Predictor:
         prediction.seconds = time.perf_counter() - start
         return prediction
 
-    def search_space(self, offsets: torch.Tensor) -> scoring.SearchSpace | None:
+    def search_space(self, offsets: torch.Tensor) -> trie.SearchSpace | None:
         """Where the trie scorer's shipped predictions are searched: the calibration's blend
         (``offsets``, :meth:`prepare`'s) and temperature; None where every label is scored: other
         scorers, ``eval.trie_tolerance: 0``.
@@ -238,7 +238,7 @@ class Predictor:
         if self.scorer != "trie" or tolerance == 0:
             return None
         temperature = self.calibration.temperature if self.calibration else 1.0
-        return scoring.SearchSpace(offsets, temperature, tolerance)
+        return trie.SearchSpace(offsets, temperature, tolerance)
 
     def parent_prediction(self, prediction: scoring.Prediction) -> tuple[list[str | None], list[float | None]]:
         """Each row's department: the parent of its predicted label, with the summed probability

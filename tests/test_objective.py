@@ -8,7 +8,8 @@ import torch
 
 from pipeline.errors import ConfigError
 from pipeline.objective import IGNORED, first_token_ids, label_softmax_loss
-from pipeline.scoring import encode_prompts, label_token_ids
+from pipeline.passes import label_token_ids
+from pipeline.scoring import encode_prompts
 
 LABELS = ["bakery", "frozen", "produce", "dairy eggs"]
 ROWS = [("Bread Rolls", "bakery"), ("Frozen Peas", "frozen"), ("Organic Bananas and Apples", "produce")]

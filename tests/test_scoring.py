@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline import scoring
+from pipeline import passes, scoring, trie
 from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError
 from pipeline.model import load_tokenizer
@@ -30,7 +30,7 @@ def test_first_token_scores_equal_full_likelihoods_on_single_token_labels(base_m
     """Where each label is one token and EOS is left out, the first-token softmax over the label
     set is exactly the normalised full likelihood: predictions and confidences must agree."""
     candidates = ["bakery", "frozen", "snacks", "pets", "babies", "alcohol", "household", "produce"]
-    tokens = scoring.label_token_ids(tokenizer, candidates, eos=False)
+    tokens = passes.label_token_ids(tokenizer, candidates, eos=False)
     single = [label for label, ids in zip(candidates, tokens) if len(ids) == 1]
     assert len(single) >= 5
     prompts, _ = scoring.encode_prompts(tokenizer, NAMES)
@@ -51,7 +51,7 @@ def test_full_scorer_handles_labels_sharing_a_first_token(base_model, tokenizer)
         scoring.predict(base_model, tokenizer, NAMES, labels, scorer="first_token")
     batched = scoring.label_log_likelihoods(base_model, tokenizer, prompts, labels, batch_size=12, progress=False)
     # Reference: each (prompt, label) alone, no padding, log-probs summed token by token.
-    completions = scoring.label_token_ids(tokenizer, labels)
+    completions = passes.label_token_ids(tokenizer, labels)
     with torch.inference_mode():
         for i, prompt in enumerate(prompts):
             for j, completion in enumerate(completions):
@@ -112,11 +112,11 @@ def test_a_label_set_without_enough_distinct_words_is_named(tokenizer):
 def test_trie_scorer_equals_the_full_scorer(base_model, tokenizer, labels):
     names = NAMES[:3] if len(labels) > 100 else NAMES
     prompts, _ = scoring.encode_prompts(tokenizer, names)
-    trie = scoring.LabelTrie.build(scoring.label_token_ids(tokenizer, labels))
-    shared = len(trie.tokens) < sum(len(ids) - 1 for ids in scoring.label_token_ids(tokenizer, labels))
+    label_trie = trie.LabelTrie.build(passes.label_token_ids(tokenizer, labels))
+    shared = len(label_trie.tokens) < sum(len(ids) - 1 for ids in passes.label_token_ids(tokenizer, labels))
     assert shared and scoring.choose_scorer("auto", tokenizer, labels) == "trie"
     full = scoring.label_log_likelihoods(base_model, tokenizer, prompts, labels, batch_size=64, progress=False)
-    by_trie = scoring.trie_log_likelihoods(base_model, tokenizer, prompts, labels, batch_size=8, progress=False)
+    by_trie = trie.trie_log_likelihoods(base_model, tokenizer, prompts, labels, batch_size=8, progress=False)
     assert by_trie.log_softmax(-1).numpy() == pytest.approx(full.log_softmax(-1).numpy(), abs=1e-4)
     assert by_trie.numpy() == pytest.approx(full.numpy(), abs=1e-3)  # the raw likelihoods too
 
@@ -134,12 +134,12 @@ def test_trie_search_keeps_the_exact_top_label_and_probabilities_within_its_tole
     to eight nodes are taken a node at a time from their ancestors' kept keys and values, or
     whole (the default), a node then seeing ancestors from the same pass too."""
     prompts, _ = scoring.encode_prompts(tokenizer, NAMES)
-    exact = scoring.trie_log_likelihoods(base_model, tokenizer, prompts, labels, batch_size=8, progress=False)
+    exact = trie.trie_log_likelihoods(base_model, tokenizer, prompts, labels, batch_size=8, progress=False)
     offsets = 4 * torch.randn(len(NAMES), len(labels), generator=torch.Generator().manual_seed(0))  # lexical votes
     shipped = ((exact + offsets) / temperature).log_softmax(-1)
     stats: dict[str, float] = {}
-    found = scoring.trie_search_log_probs(base_model, tokenizer, prompts, labels,
-                                          scoring.SearchSpace(offsets, temperature, tolerance), batch_size=3,
+    found = trie.trie_search_log_probs(base_model, tokenizer, prompts, labels,
+                                          trie.SearchSpace(offsets, temperature, tolerance), batch_size=3,
                                           progress=False, stats=stats, nodes_per_label=nodes_per_label)
     assert found.argmax(-1).tolist() == shipped.argmax(-1).tolist()
     assert float(0.5 * (found.exp() - shipped.exp()).abs().sum(-1).max()) <= tolerance  # total variation

