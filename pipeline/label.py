@@ -16,12 +16,9 @@ Safety rules, in the order a nightly job needs them:
 - one bad file, or one that cannot be written (a full disk, a quota, an I/O error), fails alone
   with its name and the reason, its committed batches kept; the others are still labeled.
 
-Work is split into units of consecutive row groups. ``--shard I/N`` takes the I-th of N
-contiguous, row-balanced slices of all units in path order: N array tasks cover the catalog
-exactly once. A file that a shard covers whole keeps its name; a piece of a split file is
-written as ``<stem>.part-<first row group>.parquet`` beside where the whole would be; once it is
-published, the outputs an earlier job wrote for the same rows under another layout are removed
-(:func:`remove_other_layouts`).
+Which rows each task labels is planned in :mod:`pipeline.shards`. A piece of a split file has
+its own output name; once it is published, the outputs an earlier job wrote for the same rows
+under another layout are removed (:func:`remove_other_layouts`).
 """
 
 from __future__ import annotations
@@ -55,6 +52,7 @@ from pipeline.predict import Predictor, Prepared, run_recipe
 from pipeline.progress import progress_bar
 from pipeline.report import RUNNERS_UP, TOP_K, JobContext, LabelStats, finish_job, job_id, new_job_id
 from pipeline.scoring import Prediction
+from pipeline.shards import Unit, find_inputs, parse_shard, plan
 from pipeline.signals import StopOnSignal
 
 log = logging.getLogger(__name__)
@@ -65,103 +63,6 @@ OUTPUT_COLUMNS = ["department", "department_confidence", "label_status", "labele
 ``aisle_confidence`` first (:meth:`Labeler.output_columns`)."""
 PROVENANCE_COLUMNS = ["label_status", "labeled_by", "labeled_at"]
 MANIFEST_DIR = "_manifest"
-
-
-# --- planning --------------------------------------------------------------------------------
-
-
-@dataclass
-class Unit:
-    """Consecutive row groups of one input file that one shard labels into one output."""
-
-    source: Path
-    relative: Path
-    row_groups: list[int]
-    rows: int
-    whole_file: bool = True
-
-    @property
-    def output_name(self) -> Path:
-        if self.whole_file:
-            return self.relative
-        return self.relative.with_name(f"{self.relative.stem}.part-{self.row_groups[0]:05d}{self.relative.suffix}")
-
-
-def find_inputs(paths: list[str]) -> list[tuple[Path, Path]]:
-    """(file, name relative to its root) for every Parquet file under the given paths or globs."""
-    found: dict[Path, Path] = {}
-    for raw in paths:
-        matches = [Path(m) for m in sorted(glob.glob(raw, recursive=True))] if glob.has_magic(raw) else [Path(raw)]
-        if not matches:
-            raise LabelError(f"{raw}: no file matches")
-        for path in matches:
-            if path.is_dir():
-                for file in sorted(path.rglob("*.parquet")):
-                    # like pyarrow.dataset: "_" and "." names are bookkeeping (manifests, reports,
-                    # committed batches, temporaries), never catalog files
-                    if not any(part.startswith(("_", ".")) for part in file.relative_to(path).parts):
-                        found.setdefault(file.resolve(), file.relative_to(path))
-            elif path.exists():
-                found.setdefault(path.resolve(), Path(path.name))
-            else:
-                raise LabelError(f"{path}: not found")
-    return list(found.items())
-
-
-def parse_shard(shard: str | None) -> tuple[int, int]:
-    """``"I/N"``, else the Slurm array position, else ``0/1``."""
-    if shard is None:
-        if "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
-            index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-            return index, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
-        return 0, 1
-    try:
-        index, count = (int(x) for x in shard.split("/"))
-    except ValueError:
-        raise LabelError(f"--shard {shard!r}: expected I/N, e.g. 0/4") from None
-    if not 0 <= index < count:
-        raise LabelError(f"--shard {shard!r}: need 0 <= I < N")
-    return index, count
-
-
-def plan(inputs: list[tuple[Path, Path]], shard: tuple[int, int]) -> tuple[list[Unit], list[tuple[Path, str]]]:
-    """This shard's units, plus the files that could not even be opened as Parquet."""
-    groups: list[tuple[Path, Path, int, int]] = []  # (file, relative, row group, rows)
-    unreadable: list[tuple[Path, str]] = []
-    for path, relative in inputs:
-        try:
-            metadata = pq.ParquetFile(path).metadata
-        except Exception as exc:  # pyarrow raises several types for a non-Parquet file
-            unreadable.append((path, f"{path}: cannot be read as Parquet: {exc}"))
-            continue
-        if metadata.num_row_groups == 0:
-            groups.append((path, relative, -1, 0))
-        groups += [(path, relative, g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)]
-    index, count = shard
-    total = sum(g[3] for g in groups)
-    # Contiguous row-balanced slices: a row group belongs to the shard its middle row falls in,
-    # so each shard is within one row group of total/count rows.
-    mine, seen = [], 0
-    for group in groups:
-        middle = seen + group[3] / 2
-        if min(count - 1, int(middle * count // max(total, 1))) == index:
-            mine.append(group)
-        seen += group[3]
-    if unreadable and index != 0:
-        unreadable = []  # report each broken file once, from shard 0
-    units: list[Unit] = []
-    for path, relative, group, rows in mine:
-        if units and units[-1].source == path:
-            units[-1].row_groups.append(group)
-            units[-1].rows += rows
-        else:
-            units.append(Unit(path, relative, [group] if group >= 0 else [], rows))
-    file_groups: dict[Path, int] = {}
-    for path, _, group, _ in groups:
-        file_groups[path] = file_groups.get(path, 0) + (group >= 0)
-    for unit in units:
-        unit.whole_file = len(unit.row_groups) == file_groups[unit.source]
-    return units, unreadable
 
 
 # --- provenance and atomic files ------------------------------------------------------------------

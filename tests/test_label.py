@@ -15,16 +15,9 @@ import pytest
 
 from pipeline.atomic import sha256_file
 from pipeline.errors import ModelError
-from pipeline.label import (
-    OUTPUT_COLUMNS,
-    Labeler,
-    LabelError,
-    find_inputs,
-    label_catalogs,
-    parse_shard,
-    plan,
-)
+from pipeline.label import OUTPUT_COLUMNS, Labeler, LabelError, label_catalogs
 from pipeline.model import cpu_has_native_bf16
+from pipeline.shards import find_inputs, parse_shard, plan
 
 REPO = Path(__file__).resolve().parents[1]
 
