@@ -88,14 +88,21 @@ class ModelConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     quantization: str = "4bit"
-    """``4bit`` (QLoRA via bitsandbytes) or ``none`` (plain LoRA)."""
+    """``4bit`` (QLoRA via bitsandbytes), ``none`` (plain LoRA), or ``auto``: 4-bit on CUDA, none on
+    CPU, where a small model's 4-bit round trip costs time and saves no memory that matters
+    (``pipeline.model.training_path``)."""
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: str = "auto"
     """dtype the 4-bit layers compute in: ``auto`` is bf16 on CUDA and on CPUs with AMX or
     AVX512-BF16, fp32 on other CPUs (where emulated bf16 is slower)."""
     torch_dtype: str = "auto"
-    """dtype of the non-quantized weights: ``auto`` is bf16 on CUDA, fp32 on CPU."""
+    """dtype of the non-quantized weights in training: ``auto`` is bf16 on CUDA and on CPUs with
+    AMX or AVX512-BF16, fp32 on other CPUs."""
+    attn_implementation: str = "auto"
+    """transformers' ``attn_implementation`` for training (``sdpa``, ``eager``...): ``auto`` is
+    eager where a bf16 model trains on CPU (SDPA's bf16 backward there took a fifth of a step),
+    SDPA elsewhere. Labeling keeps transformers' default."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ that nothing is fetched from a hub on compute nodes without internet).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -163,6 +164,36 @@ def resolve_compute_dtype(name: str, device: str, flags: set[str] | None = None)
     return resolve_dtype(name, device)
 
 
+def training_path(cfg: ModelConfig, device: str, flags: set[str] | None = None) -> ModelConfig:
+    """The model section with its ``auto`` values resolved for training on ``device`` (and a CPU with
+    these ``flags``, this one's by default): the one place that decides how a run trains.
+
+    The run directory records the result, so labeling on any kind of node merges the adapter into
+    the base it was trained against. ``quantization: auto`` is QLoRA (NF4) on CUDA, where it is
+    what lets large models fit, and plain LoRA on CPU; ``torch_dtype: auto`` is bf16 where it is
+    native (CUDA, AMX, AVX512-BF16), else fp32; ``attn_implementation: auto`` is eager for a bf16
+    model on CPU, whose SDPA backward in bf16 was slow, else SDPA. On 2 CPU cores,
+    these were the fastest paths measured per machine (results/README.md, "Training levers").
+    """
+    cuda = device.startswith("cuda")
+    quantization = cfg.quantization
+    if quantization == "auto":
+        quantization = "4bit" if cuda else "none"
+    # The same rule as the 4-bit layers' compute dtype: bf16 wherever the hardware multiplies it.
+    torch_dtype = dtype_name(resolve_compute_dtype(cfg.torch_dtype, device, flags))
+    attention = cfg.attn_implementation
+    if attention == "auto":
+        attention = "eager" if quantization == "none" and torch_dtype == "bfloat16" and not cuda else "sdpa"
+    return dataclasses.replace(cfg, quantization=quantization, torch_dtype=torch_dtype, attn_implementation=attention,
+                               bnb_4bit_compute_dtype=dtype_name(resolve_compute_dtype(cfg.bnb_4bit_compute_dtype,
+                                                                                       device, flags)))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """What a recipe calls ``dtype``: ``bfloat16``, ``float32``..."""
+    return str(dtype).removeprefix("torch.")
+
+
 def adapter_dtype(name: str, compute_dtype: torch.dtype, fp16: bool) -> torch.dtype:
     """The dtype the adapter trains in (``lora.dtype``), given the 4-bit layers' compute dtype and
     whether fp16 mixed precision is on.
@@ -192,7 +223,7 @@ class InferencePath:
     @property
     def name(self) -> str:
         """What manifests and benchmarks record: ``float32``, ``float32+compiled``, ``bfloat16``..."""
-        return str(self.dtype).removeprefix("torch.") + ("+compiled" if self.compiled else "")
+        return dtype_name(self.dtype) + ("+compiled" if self.compiled else "")
 
 
 def inference_path(dtype: str, compile: bool, device: str, flags: set[str] | None = None,
@@ -228,7 +259,7 @@ def quantization_config(cfg: ModelConfig, device: str) -> BitsAndBytesConfig | N
     if cfg.quantization == "none":
         return None
     if cfg.quantization != "4bit":
-        raise ModelError(f"model.quantization must be 4bit or none, got {cfg.quantization!r}")
+        raise ModelError(f"model.quantization must be 4bit, none or auto, got {cfg.quantization!r}")
     compute_dtype = resolve_compute_dtype(cfg.bnb_4bit_compute_dtype, device)
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -240,9 +271,13 @@ def quantization_config(cfg: ModelConfig, device: str) -> BitsAndBytesConfig | N
     )
 
 
-def load_base_model(path: str, cfg: ModelConfig, device: str, *, quantize: bool, dtype: torch.dtype | None = None):
-    """Load the base model on ``device``, in 4-bit when ``quantize`` and the recipe asks for it."""
+def load_base_model(path: str, cfg: ModelConfig, device: str, *, quantize: bool, dtype: torch.dtype | None = None,
+                    attn_implementation: str | None = None):
+    """Load the base model on ``device``, in 4-bit when ``quantize`` and the recipe asks for it, with
+    ``attn_implementation`` (transformers' default when None)."""
     kwargs: dict = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "use_safetensors": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     quant = quantization_config(cfg, device) if quantize else None
     if quant is not None:
         kwargs["quantization_config"] = quant

@@ -9,6 +9,7 @@ run directory like any other.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from pipeline.atomic import sha256_file
 from pipeline.config import Recipe, load_recipe
 from pipeline.data import read_labels, read_taxonomy
 from pipeline.errors import ConfigError, ModelError
-from pipeline.model import InferencePath, inference_path, load_for_inference, run_tokenizer, train_device
+from pipeline.model import InferencePath, dtype_name, inference_path, load_for_inference, run_tokenizer, train_device
 from pipeline.shipped import EXTRA_MODEL, Calibration, load_calibration, model_sha256, shipped_candidate
 
 
@@ -140,6 +141,9 @@ class Predictor:
         ``calibrated=False`` scores with the adapter alone (what calibration is fitted on)."""
         run = Path(run_dir).resolve()
         recipe = recipe or run_recipe(run)
+        if recipe.model.quantization == "auto":  # a recipe file's: the run recorded what its adapter trained on
+            trained = run_recipe(run).model.quantization
+            recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, quantization=trained))
         identity = run_identity(run_dir)
         labels = read_labels(run / "labels.json")
         tree = read_taxonomy(run / "taxonomy.json")
@@ -259,7 +263,7 @@ class Predictor:
         """How this predictor scores, for manifests and benchmark records."""
         return {**self.identity, "base_model": self.recipe.model.base_model, "scorer": self.scorer,
                 "completion": self.recipe.data.completion,
-                "device": self.device, "dtype": str(self.path.dtype).removeprefix("torch.") if self.path else None,
+                "device": self.device, "dtype": dtype_name(self.path.dtype) if self.path else None,
                 "inference_path": self.path.name if self.path else "lexical",
                 "batch_size": self.batch_size, "max_prompt_tokens": self.max_prompt_tokens,
                 "label_level": self.level,

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import PartialState
 from datasets import Dataset
 from peft import set_peft_model_state_dict
@@ -29,7 +28,7 @@ from trl import SFTConfig, SFTTrainer
 
 from pipeline import tracking
 from pipeline.atomic import shared_mode
-from pipeline.config import Recipe, save_recipe
+from pipeline.config import Recipe, load_recipe, save_recipe
 from pipeline.curve import AccuracyCurve, examples_per_step
 from pipeline.data import (
     adopt_prepared_columns,
@@ -49,6 +48,7 @@ from pipeline.model import (
     resolve_base_model,
     resolve_compute_dtype,
     train_device,
+    training_path,
 )
 from pipeline.objective import OBJECTIVES, LabelSoftmaxTrainer, first_token_ids
 from pipeline.progress import LOG_INTERVAL_S, on_terminal
@@ -212,16 +212,17 @@ def ensure_prepared(recipe: Recipe) -> Path:
     return data_dir
 
 
-def check_resumable(run: Path, recipe: Recipe) -> None:
-    """Refuse to resume a checkpoint that another recipe wrote."""
+def check_resumable(run: Path, recipe: Recipe, device: str) -> None:
+    """Refuse to resume a checkpoint that another recipe wrote, or that trained on another path
+    (``training_path``: a run begun on a GPU node does not resume on a CPU one)."""
     saved_path = run / "config.yaml"
     if not saved_path.is_file():
         return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    current = recipe.to_dict()
-    defaults = Recipe().to_dict()  # a key added since the run was saved counts as its default
+    saved_recipe = load_recipe(saved_path)  # a key added since the run was saved counts as its default
+    saved = dataclasses.replace(saved_recipe, model=training_path(saved_recipe.model, device)).to_dict()
+    current = dataclasses.replace(recipe, model=training_path(recipe.model, device)).to_dict()
     changed = [f"{s}.{k}" for s in TRAINING_SECTIONS for k in current[s]
-               if saved.get(s, {}).get(k, defaults[s].get(k)) != current[s][k] and f"{s}.{k}" not in RESUME_SAFE_KEYS]
+               if saved[s][k] != current[s][k] and f"{s}.{k}" not in RESUME_SAFE_KEYS]
     if changed:
         raise ConfigError(f"{run} holds a run of another recipe (differs in {', '.join(changed)}); "
                          "use a new --output or delete it")
@@ -304,9 +305,12 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
     """Train (or resume) the run in RUN_DIR; ``callbacks`` (benchmarks) join the trainer's own."""
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    # config.yaml records the shop's column names DATA_DIR was prepared with: labeling reads by them
-    recipe = dataclasses.replace(recipe, data=adopt_prepared_columns(recipe.data))
-    check_resumable(run, recipe)
+    # config.yaml records the shop's column names DATA_DIR was prepared with (labeling reads by
+    # them), and the path this node trains on (labeling merges into the base the adapter knew).
+    device = train_device()
+    recipe = dataclasses.replace(recipe, data=adopt_prepared_columns(recipe.data),
+                                 model=training_path(recipe.model, device))
+    check_resumable(run, recipe, device)
     # Under accelerate/torchrun there is one process per device: the main one writes shared files.
     state = PartialState()
     with state.main_process_first():
@@ -327,8 +331,8 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
     dataset = Dataset.from_dict(to_prompt_completion(frame, level, dict(zip(labels, texts))))
 
     # Model
-    device = train_device()
-    model = load_base_model(base_path, recipe.model, device, quantize=True)
+    model = load_base_model(base_path, recipe.model, device, quantize=True,
+                            attn_implementation=recipe.model.attn_implementation)
     fit_embeddings(model, tokenizer)
     model.config.use_cache = False
     if getattr(model, "is_loaded_in_4bit", False):
@@ -412,6 +416,8 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
         "seconds_per_step_this_session": round(wall / max(1, steps - _step_of(last)), 3),
         "quantization": recipe.model.quantization,
         "compute_dtype": str(compute_dtype) if recipe.model.quantization == "4bit" else None,
+        "base_dtype": recipe.model.torch_dtype if recipe.model.quantization == "none" else None,
+        "attn_implementation": recipe.model.attn_implementation,
         "adapter_dtype": str(trained_dtype),
         "device": device,
         "torch_threads": torch.get_num_threads(),

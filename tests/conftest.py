@@ -87,7 +87,8 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def adapter_run(tmp_path_factory, data_dir, base_model_path) -> Path:
-    """A real (barely trained) adapter: 3 NF4 steps, no evaluation. Tests must not change it."""
+    """A real (barely trained) adapter: 3 steps of the embedded recipe on this machine's training path
+    (``model.quantization: auto``: plain LoRA on a CPU), no evaluation. Tests must not change it."""
     from pipeline.config import load_recipe
     from pipeline.train import train
 
@@ -101,7 +102,7 @@ def adapter_run(tmp_path_factory, data_dir, base_model_path) -> Path:
 
 @pytest.fixture(scope="session")
 def aisle_run(tmp_path_factory, data_dir, base_model_path) -> Path:
-    """A real (barely trained) aisle-level adapter: 3 NF4 steps, no evaluation. Tests must not change it."""
+    """A real (barely trained) aisle-level adapter: 3 steps, as ``adapter_run``. Tests must not change it."""
     from pipeline.config import load_recipe
     from pipeline.train import train
 

@@ -73,7 +73,8 @@ def test_train_benchmark_writes_its_json_schema(data_dir, base_model_path, tmp_p
         [sys.executable, "-m", "pipeline.bench", "train", "--run", str(tmp_path / "run"), "--eval-every", "2",
          "--eval-samples", "20", "--output", str(out), f"data.dir={data_dir}", "data.max_train_samples=48",
          "train.max_steps=3", "train.per_device_train_batch_size=4", "train.logging_steps=1",
-         "eval.max_samples=20", "lora.target_modules=[q_proj,v_proj]"], capture_output=True, text=True, cwd=REPO)
+         "eval.max_samples=20", "lora.target_modules=[q_proj,v_proj]", "model.quantization=4bit"],
+        capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     bench = json.loads(out.read_text())
     assert json.loads(result.stdout.strip().splitlines()[-1]) == bench
@@ -88,6 +89,7 @@ def test_train_benchmark_writes_its_json_schema(data_dir, base_model_path, tmp_p
     assert {split: bench["final"][split]["n_eval"] for split in bench["final"]} == {"validation": 20, "test": 20}
     assert "accuracy" in bench["final"]["test"]["baseline"]
     assert "--eval-every 2" in bench["command"]
+    assert bench["training_path"]["quantization"] == "4bit" and bench["training_path"]["base_dtype"] is None
     assert bench["config"]["train"]["max_steps"] == 3 and bench["config"]["lora"]["target_modules"] == ["q_proj",
                                                                                                       "v_proj"]
     # Scoring mid-training must not break training: with 4-bit layers left in eval mode,

@@ -1,5 +1,6 @@
 """Integration: a few real NF4 QLoRA steps on the embedded model, resume, evaluate (about 1 min)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,9 +16,9 @@ from datasets import Dataset
 from safetensors import safe_open
 from trl import SFTTrainer
 
-from pipeline.config import Recipe, load_recipe
+from pipeline.config import ModelConfig, Recipe, load_recipe
 from pipeline.data import to_prompt_completion
-from pipeline.model import cpu_has_native_bf16, resolve_compute_dtype
+from pipeline.model import cpu_has_native_bf16, resolve_compute_dtype, training_path
 from pipeline.signals import SIGNALS
 from pipeline.train import CheckpointAndStop, sft_config, train
 
@@ -115,6 +116,24 @@ def test_auto_compute_dtype_is_bf16_only_where_the_hardware_multiplies_it():
     assert resolve_compute_dtype("auto", "cpu", avx512_only | {"amx_tile", "amx_bf16"}) == torch.bfloat16
     assert resolve_compute_dtype("auto", "cpu", avx512_only | {"avx512_bf16"}) == torch.bfloat16
     assert resolve_compute_dtype("float16", "cpu", avx512_only) == torch.float16
+
+
+def test_the_training_path_is_qlora_on_a_gpu_and_plain_lora_on_a_cpu_in_the_dtype_it_multiplies():
+    amx, avx2 = {"avx2", "avx512f", "amx_tile", "amx_bf16"}, {"avx2"}
+    auto = ModelConfig(quantization="auto")
+    path = {device: training_path(auto, device, flags) for device, flags in
+            (("cuda:0", avx2), ("cpu-amx", amx), ("cpu-avx2", avx2))}
+    assert (path["cuda:0"].quantization, path["cuda:0"].bnb_4bit_compute_dtype) == ("4bit", "bfloat16")
+    assert path["cuda:0"].attn_implementation == "sdpa"
+    assert (path["cpu-amx"].quantization, path["cpu-amx"].torch_dtype) == ("none", "bfloat16")
+    assert path["cpu-amx"].attn_implementation == "eager"  # SDPA's bf16 backward is slow on CPU
+    assert (path["cpu-avx2"].quantization, path["cpu-avx2"].torch_dtype) == ("none", "float32")
+    assert path["cpu-avx2"].attn_implementation == "sdpa"
+    # what a recipe names is kept, and what config.yaml records resolves to itself on any node
+    named = ModelConfig(quantization="4bit", attn_implementation="sdpa")
+    assert (training_path(named, "cpu", amx).quantization, training_path(named, "cpu", amx).attn_implementation) \
+        == ("4bit", "sdpa")
+    assert training_path(path["cpu-amx"], "cuda:0", avx2) == path["cpu-amx"]
 
 
 def test_run_directory_matches_the_contract(tiny_run):
@@ -234,10 +253,24 @@ def test_a_run_saved_before_a_new_training_key_resumes_while_the_key_is_at_its_d
     saved = recipe.to_dict()
     del saved["lora"]["dtype"]  # a run from before lora.dtype existed
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
-    check_resumable(tmp_path, recipe)
+    check_resumable(tmp_path, recipe, "cpu")
     with pytest.raises(ValueError, match="differs in lora.dtype"):
         check_resumable(tmp_path, load_recipe(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml",
-                                              ["lora.dtype=bfloat16"]))
+                                              ["lora.dtype=bfloat16"]), "cpu")
+
+
+def test_a_run_resumes_only_on_the_training_path_it_began_on(tmp_path):
+    """config.yaml holds the resolved path; ``auto`` resolves again on the node that resumes."""
+    import yaml
+
+    from pipeline.train import check_resumable
+
+    recipe = load_recipe(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml", ["model.quantization=auto"])
+    on_cpu = dataclasses.replace(recipe, model=training_path(recipe.model, "cpu"))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(on_cpu.to_dict()))
+    check_resumable(tmp_path, recipe, "cpu")  # auto resolves to what the run recorded
+    with pytest.raises(ValueError, match="differs in model.quantization"):
+        check_resumable(tmp_path, recipe, "cuda:0")  # begun as plain LoRA on CPU, QLoRA on a GPU
 
 
 def test_evaluate_command(tiny_run, data_dir):
@@ -313,8 +346,10 @@ def test_inference_merges_an_input_embedding_adapter_without_touching_the_tied_l
     run = tmp_path / "run"
     shutil.copytree(adapter_run, run)
     recipe = load_recipe(run / "config.yaml")
-    base = load_base_model(resolve_base_model(recipe.model.base_model), recipe.model, "cpu", quantize=True)
-    base = base.dequantize().float()
+    # the base as inference rebuilds it: NF4-rounded for a 4-bit run, the fp32 weights for plain LoRA
+    base = load_base_model(resolve_base_model(recipe.model.base_model), recipe.model, "cpu", quantize=True,
+                           dtype=torch.float32)
+    base = (base.dequantize() if recipe.model.quantization == "4bit" else base).float()
     assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
     trained = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False))
     shutil.rmtree(run / "adapter")

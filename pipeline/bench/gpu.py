@@ -77,7 +77,7 @@ def bench_gpu(architecture: Path, config: str, seed_config: str, steps: int, tra
 
     base = stage("random_weights", lambda: random_base_model(architecture, work / "base"))
     run, data_dir = work / "run", work / "data"
-    keep = ("recipe", "overrides", "compute_dtype", "steps", "throughput", "train_seconds")
+    keep = ("recipe", "overrides", "training_path", "steps", "throughput", "train_seconds")
 
     def short_run(data: Path, *overrides: str) -> list[str]:
         return [f"model.base_model={base}", f"data.dir={data}", f"train.max_steps={steps}",

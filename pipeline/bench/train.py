@@ -62,8 +62,7 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
         "run": str(run),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "machine": machine(metrics.get("device")),
-        "quantization": recipe.model.quantization,
-        "compute_dtype": metrics.get("compute_dtype"),
+        "training_path": {k: metrics.get(k) for k in TRAINING_PATH_KEYS},
         "steps": metrics["train_steps"],
         "throughput": {
             "steps_timed": len(timed),
@@ -80,6 +79,9 @@ def bench_train(config: str, overrides: list[str], run: Path, minutes: float | N
         "final": {split: {k: metrics[split][k] for k in final_keys if k in metrics[split]} for split in splits},
     }
 
+
+TRAINING_PATH_KEYS = ("quantization", "compute_dtype", "base_dtype", "attn_implementation", "adapter_dtype")
+"""What a run's metrics.json says about the path ``pipeline.model.training_path`` chose."""
 
 DEQUANTIZE_MARKS = ("dequantize",)
 """What names bitsandbytes' dequantization in a profile: ``bitsandbytes::dequantize_4bit`` (the NF4
@@ -297,9 +299,7 @@ def bench_profile_train(config: str, overrides: list[str], warmup: int, timed: i
         "config": recipe.to_dict(),
         "machine": machine(metrics.get("device")),
         "load_average_1min": {"before": round(load_before[0], 2), "after_training": round(load_after[0], 2)},
-        "quantization": recipe.model.quantization,
-        "compute_dtype": metrics.get("compute_dtype"),
-        "adapter_dtype": metrics.get("adapter_dtype"),
+        "training_path": {k: metrics.get(k) for k in TRAINING_PATH_KEYS},
         "batch_size": batch,
         "steps": {"warmup": warmup, "timed": timed, "profiled": profiled},
         "unprofiled": summary("timed"),
