@@ -177,6 +177,8 @@ def training_path(cfg: ModelConfig, device: str, flags: set[str] | None = None) 
     """
     cuda = device.startswith("cuda")
     quantization = cfg.quantization
+    if quantization not in ("4bit", "none", "auto"):
+        raise ModelError(f"model.quantization must be 4bit, none or auto, got {quantization!r}")
     if quantization == "auto":
         quantization = "4bit" if cuda else "none"
     # The same rule as the 4-bit layers' compute dtype: bf16 wherever the hardware multiplies it.
@@ -259,7 +261,8 @@ def quantization_config(cfg: ModelConfig, device: str) -> BitsAndBytesConfig | N
     if cfg.quantization == "none":
         return None
     if cfg.quantization != "4bit":
-        raise ModelError(f"model.quantization must be 4bit, none or auto, got {cfg.quantization!r}")
+        raise ModelError(f"model.quantization must be 4bit or none when a model loads (auto is resolved by "
+                         f"training_path, and a run records the result), got {cfg.quantization!r}")
     compute_dtype = resolve_compute_dtype(cfg.bnb_4bit_compute_dtype, device)
     return BitsAndBytesConfig(
         load_in_4bit=True,

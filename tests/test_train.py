@@ -134,6 +134,8 @@ def test_the_training_path_is_qlora_on_a_gpu_and_plain_lora_on_a_cpu_in_the_dtyp
     assert (training_path(named, "cpu", amx).quantization, training_path(named, "cpu", amx).attn_implementation) \
         == ("4bit", "sdpa")
     assert training_path(path["cpu-amx"], "cuda:0", avx2) == path["cpu-amx"]
+    with pytest.raises(ValueError, match="model.quantization must be 4bit, none or auto, got '8bit'"):
+        training_path(ModelConfig(quantization="8bit"), "cpu", amx)
 
 
 def test_run_directory_matches_the_contract(tiny_run):
