@@ -38,12 +38,12 @@ browser:
 
 test: install slurm browser
 	$(BIN)/ruff check pipeline tests
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n auto --maxprocesses=4 --dist loadfile
 
-# The inner loop: everything but real training (marker slow) and the Slurm cluster (marker cluster).
+# The inner loop: everything but real training and compiling (marker slow) and the Slurm cluster (marker cluster).
 test-fast: install
 	$(BIN)/ruff check pipeline tests
-	$(BIN)/python -m pytest -q -m "not slow and not cluster"
+	$(BIN)/python -m pytest -q -m "not slow and not cluster" -n auto --maxprocesses=4 --dist loadfile
 
 # What `python -m pipeline.bench gpu` needs on a GPU node with torch but no internet (results/README.md):
 # wheels of this venv's versions that such an image lacks (Python 3.12; bitsandbytes keeps only its

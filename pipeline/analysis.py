@@ -70,8 +70,10 @@ def analyze_errors(run: Path, train_samples: int = 0) -> dict[str, Any]:
     def share(mask) -> float | None:
         return round(float(mask.mean()), 4) if mask.size else None
 
-    train_department = train.assign(key=train["product_name"].map(normalized_name)).groupby("key")["department"]
-    usual = train_department.agg(lambda d: d.mode().iloc[0])
+    # each normalised name's most frequent training department (the first by name on a tie)
+    counts = train.assign(key=train["product_name"].map(normalized_name)).groupby(["key", "department"]).size()
+    usual = (counts.rename("n").reset_index().sort_values(["key", "n", "department"], ascending=[True, False, True])
+             .drop_duplicates("key").set_index("key")["department"])
     keys = predictions["product_name"].map(normalized_name)
     repeated = keys.isin(usual.index).to_numpy()
     max_names, min_purity = 20, 0.9

@@ -114,9 +114,13 @@ class TrainTask(submitit.helpers.Checkpointable):
         (run / "command.txt").write_text(shlex.join(command) + "\n")
         code = subprocess.run(command, env=task_environment(self.profile, {**self.env, "WANDB_NAME": name})).returncode
         if code in INTERRUPTED_CODES:
-            # Slurm is requeuing (or cancelling) this job and kills it within KillWait; writing a
-            # failed result now would make the driver give up on a run that is about to resume.
-            time.sleep(600)
+            # Slurm is requeuing (or cancelling) this job. Returning or raising would have submitit
+            # write a result, and the driver would give up on a run that is about to resume; so end
+            # this process now, without one. (Waiting for Slurm's SIGKILL held the node KillWait
+            # longer, 30 s a requeue on the dev cluster.)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(TrainingInterrupted.exit_code)
         if code != 0:
             raise RuntimeError(f"training of {name} exited with code {code}; see this task's log")
         return json.loads((run / "metrics.json").read_text())

@@ -103,7 +103,9 @@ install() {
 
 write_configs() {
     local cpus memory
-    cpus=$(nproc)
+    # the cores this process may use, not OMP_NUM_THREADS: nproc obeys it, and a shell (or a test
+    # worker) that limits its own threads would have made a node too small for a sweep's array
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     memory=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     mkdir -p "$STATE"/{munge,log,run,db,spool/ctld,spool/d}
     chmod 755 "$STATE" "$STATE/munge"  # munge clients must reach the socket

@@ -3,7 +3,7 @@
 The cache lives in ``<repo>/.cache`` unless CATALOG_TUNER_CACHE points elsewhere, so a rerun of
 the suite (or CI on the same machine) skips the ~15 s GGUF conversion.
 
-Markers: ``slow`` for a test that trains for real, itself or through a trained-adapter fixture
+Markers: ``slow`` for a test that trains for real, itself or through a trained-adapter fixture, or compiles
 (marked here, so that a new test using one cannot forget it); ``cluster`` for the Slurm tests.
 ``make test-fast`` runs the rest.
 """
@@ -17,10 +17,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("CATALOG_TUNER_CACHE", str(REPO / ".cache"))
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # Several pytest-xdist workers (`make test`): a share of the cores each, set before torch loads
+    # and inherited by the processes and Slurm jobs they start. Two OpenMP pools of a thread per
+    # core on the same cores spin against each other (steps up to 10x slower).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
+                                                    // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
-TRAINED_FIXTURES = {"adapter_run", "tiny_run", "aisle_run", "calibrated_run"}
+TRAINED_FIXTURES = {"adapter_run", "short_adapter_run", "tiny_run", "aisle_run", "calibrated_run"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -59,9 +65,10 @@ def base_model(base_model_path):
 def short_model(tmp_path_factory, base_model_path) -> str:
     """The embedded model's first two decoder layers, saved as a model of its own with its tokenizer.
 
-    For tests of orchestration (arrays, signals, requeues, promotion, chained labeling) and of a
-    compile: the same architecture, tokenizer and code path at an eighth of the cost of a training
-    step. Every other test uses the whole model."""
+    For tests of orchestration (arrays, signals, requeues, promotion, chained labeling), of the
+    labeler's resume and commit protocol (``short_adapter_run``) and of a compile: the same
+    architecture, tokenizer and code path at an eighth of the cost of a step. Tests of what a
+    model predicts use the whole one."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,6 +103,22 @@ def adapter_run(tmp_path_factory, data_dir, base_model_path) -> Path:
     recipe = load_recipe(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml", [
         f"data.dir={data_dir}", "data.max_train_samples=48", "train.max_steps=3", "train.save_steps=100",
         "train.per_device_train_batch_size=8"])
+    train(recipe, run, evaluate_after=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def short_adapter_run(tmp_path_factory, data_dir, short_model) -> Path:
+    """``adapter_run`` on ``short_model``: for the labeler's protocol (resume, commit, faults, arrays),
+    which must hold for any model, in fresh processes that load and run it in a fraction of the time.
+    Tests must not change it."""
+    from pipeline.config import load_recipe
+    from pipeline.train import train
+
+    run = tmp_path_factory.mktemp("short_adapter_run") / "short"
+    recipe = load_recipe(REPO / "jobs" / "recipes" / "instacart-smollm2.yaml", [
+        f"data.dir={data_dir}", f"model.base_model={short_model}", "data.max_train_samples=48", "train.max_steps=3",
+        "train.save_steps=100", "train.per_device_train_batch_size=8"])
     train(recipe, run, evaluate_after=False)
     return run
 

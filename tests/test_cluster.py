@@ -30,7 +30,7 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster():  # one per machine (its ports and state folder): `make test` keeps a file on one worker (loadfile)
     start = subprocess.run([str(REPO / "slurm" / "dev-cluster.sh"), "start", str(STATE)], capture_output=True,
                            text=True, env={**os.environ, "CATALOG_TUNER_SLURM_PORT": "6917",
                                            "CATALOG_TUNER_SLURM_DB_PORT": "3317"})
@@ -239,9 +239,9 @@ def outputs(out: Path) -> list[Path]:
     return [p for p in out.rglob("*.parquet") if not any(x.startswith("_") for x in p.relative_to(out).parts)]
 
 
-def test_labeling_array_covers_every_row_once(cluster, tmp_path, catalog, adapter_run):
+def test_labeling_array_covers_every_row_once(cluster, tmp_path, catalog, short_adapter_run):
     out = tmp_path / "labeled"
-    job = sbatch({**cluster, "CATALOG_TUNER_ADAPTER": str(adapter_run)}, "--array=0-2",
+    job = sbatch({**cluster, "CATALOG_TUNER_ADAPTER": str(short_adapter_run)}, "--array=0-2",
                  f"--output={tmp_path}/label-%A_%a.out", "slurm/label_catalog.sh", str(catalog), str(out))
     states = wait(cluster, job)
     assert set(states.values()) == {"COMPLETED"} and len(states) == 3, states

@@ -116,20 +116,20 @@ def test_prompt_lookalikes_do_not_leak_between_rows(adapter_run):
     assert mixed.confidences[1] == pytest.approx(alone.confidences[0], abs=1e-4)
 
 
-def test_rerun_skips_finished_files(adapter_run, catalog, tmp_path):
+def test_rerun_skips_finished_files(short_adapter_run, catalog, tmp_path):
     out = tmp_path / "out"
-    label_catalogs(adapter_run, [str(catalog)], out, progress=False)
+    label_catalogs(short_adapter_run, [str(catalog)], out, progress=False)
     stamp = (out / "a.parquet").stat().st_mtime_ns
-    again = label_catalogs(adapter_run, [str(catalog)], out, progress=False)
+    again = label_catalogs(short_adapter_run, [str(catalog)], out, progress=False)
     assert sorted(o.status for o in again) == ["skipped"] * 3
     assert (out / "a.parquet").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("count", [3, 7])  # one shard per file, and files split between shards
-def test_shards_cover_every_row_exactly_once(adapter_run, catalog, tmp_path, count):
+def test_shards_cover_every_row_exactly_once(short_adapter_run, catalog, tmp_path, count):
     out = tmp_path / "out"
     for index in range(count):
-        label_catalogs(adapter_run, [str(catalog)], out, shard=f"{index}/{count}", job="1",
+        label_catalogs(short_adapter_run, [str(catalog)], out, shard=f"{index}/{count}", job="1",
                        progress=False)
     expected = sorted(pq.read_table(catalog / n).column("product_id").to_pylist()
                       for n in ("a.parquet", "sub/b.parquet", "c.parquet"))
@@ -179,7 +179,7 @@ def _without_time(table: pa.Table) -> pa.Table:
 
 
 @pytest.mark.parametrize("overlap", ["false", "true"])
-def test_an_interrupted_file_resumes_from_its_last_committed_batch(adapter_run, catalog, tmp_path, overlap):
+def test_an_interrupted_file_resumes_from_its_last_committed_batch(short_adapter_run, catalog, tmp_path, overlap):
     """200 rows in batches of 16, stopped twice: by SIGTERM (the batch in hand is committed, exit 75
     for requeue), then by kill -9 after the rerun committed more. Each rerun labels only the batches
     not committed before, and the output equals an uninterrupted run's (but for the time stamp).
@@ -196,8 +196,8 @@ def test_an_interrupted_file_resumes_from_its_last_committed_batch(adapter_run, 
     env = {**os.environ, "MKL_CBWR": "COMPATIBLE"}  # read when MKL loads, hence fresh processes only
 
     def label_to_the_end(out: Path) -> None:
-        result = subprocess.run(_label_cmd(adapter_run, big, out, *settings), cwd=REPO, env=env, capture_output=True,
-                                text=True)
+        result = subprocess.run(_label_cmd(short_adapter_run, big, out, *settings), cwd=REPO, env=env,
+                                capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
 
     reference = tmp_path / "reference"
@@ -211,7 +211,7 @@ def test_an_interrupted_file_resumes_from_its_last_committed_batch(adapter_run, 
         return sum(record["rows"] for record in parts.values())
 
     for how, part in ((signal.SIGTERM, "part-000002.parquet"), (signal.SIGKILL, "part-000006.parquet")):
-        process = subprocess.Popen(_label_cmd(adapter_run, big, out, *settings), cwd=REPO, env=env,
+        process = subprocess.Popen(_label_cmd(short_adapter_run, big, out, *settings), cwd=REPO, env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         _stop_when(out, part, process, how)
         if how == signal.SIGTERM:
@@ -238,13 +238,13 @@ def test_an_interrupted_file_resumes_from_its_last_committed_batch(adapter_run, 
     assert queue["top1_probability"].to_numpy() == pytest.approx(queue["confidence"].to_numpy(), abs=1e-3)
 
 
-def test_overlapping_preparation_and_commits_with_the_model_changes_no_output(adapter_run, catalog, tmp_path):
+def test_overlapping_preparation_and_commits_with_the_model_changes_no_output(short_adapter_run, catalog, tmp_path):
     """label.overlap (the default) prepares the next batch and commits the last one in threads; the
     outputs, review queue and counts equal those of one batch at a time."""
     jobs = {}
     for overlap in ("true", "false"):
         out = tmp_path / overlap
-        label_catalogs(adapter_run, [str(catalog)], out, rows_per_batch=16, batch_size=16, progress=False,
+        label_catalogs(short_adapter_run, [str(catalog)], out, rows_per_batch=16, batch_size=16, progress=False,
                        overrides=[f"label.overlap={overlap}"])
         jobs[overlap] = out
     for name in ("a.parquet", "sub/b.parquet", "c.parquet"):
@@ -258,34 +258,34 @@ def test_overlapping_preparation_and_commits_with_the_model_changes_no_output(ad
     assert summaries[0]["label_distribution"] == summaries[1]["label_distribution"]
 
 
-def test_in_place_survives_a_kill_before_the_rename(adapter_run, catalog, tmp_path):
+def test_in_place_survives_a_kill_before_the_rename(short_adapter_run, catalog, tmp_path):
     target = tmp_path / "live"
     target.mkdir()
     pq.write_table(pq.read_table(catalog / "a.parquet"), target / "a.parquet", row_group_size=20)
     original = sha256_file(target / "a.parquet")
     out = tmp_path / "manifest-only"
-    process = subprocess.Popen(_label_cmd(adapter_run, target, out, "--in-place"), cwd=REPO,
+    process = subprocess.Popen(_label_cmd(short_adapter_run, target, out, "--in-place"), cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _stop_when(out, "part-000001.parquet", process)
     assert sha256_file(target / "a.parquet") == original  # still the valid original
-    result = subprocess.run(_label_cmd(adapter_run, target, out, "--in-place"), cwd=REPO,
+    result = subprocess.run(_label_cmd(short_adapter_run, target, out, "--in-place"), cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     table = pq.read_table(target / "a.parquet")
     assert table.column_names == ["product_id", "product_name", "price"] + OUTPUT_COLUMNS
     assert table.num_rows == 200 and table.column("product_id").to_pylist() == list(range(200))
     assert sorted(p.name for p in target.iterdir()) == ["a.parquet"]  # no temporary file, no backup left
-    again = subprocess.run(_label_cmd(adapter_run, target, out, "--in-place"), cwd=REPO, capture_output=True,
+    again = subprocess.run(_label_cmd(short_adapter_run, target, out, "--in-place"), cwd=REPO, capture_output=True,
                            text=True)
     assert "skipped" in again.stdout and pq.read_table(target / "a.parquet").equals(table)
 
 
-def test_bad_files_fail_alone_with_their_reason(adapter_run, catalog, tmp_path):
+def test_bad_files_fail_alone_with_their_reason(short_adapter_run, catalog, tmp_path):
     (catalog / "broken.parquet").write_text("this is not parquet")
     pq.write_table(pa.table({"title": ["x"]}), catalog / "no_text.parquet")
     pq.write_table(pa.table({"product_name": [1, 2]}), catalog / "numbers.parquet")
     out = tmp_path / "out"
-    result = subprocess.run(_label_cmd(adapter_run, catalog, out), cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(_label_cmd(short_adapter_run, catalog, out), cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert any(l.startswith(f"FAILED {catalog / 'broken.parquet'}: cannot be read as Parquet") for l in lines)
@@ -295,7 +295,7 @@ def test_bad_files_fail_alone_with_their_reason(adapter_run, catalog, tmp_path):
     assert "3 file(s) failed" in result.stderr
     for name in ("a.parquet", "sub/b.parquet", "c.parquet"):
         assert (out / name).is_file()
-    fast = label_catalogs(adapter_run, [str(catalog)], tmp_path / "fast", fail_fast=True, progress=False)
+    fast = label_catalogs(short_adapter_run, [str(catalog)], tmp_path / "fast", fail_fast=True, progress=False)
     assert [o.status for o in fast] == ["failed"]
 
 

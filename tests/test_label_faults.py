@@ -50,9 +50,9 @@ def label(adapter, catalog, out, *extra, batch: int = 25, check: int | None = 0)
 
 
 @pytest.fixture(scope="module")
-def reference(adapter_run, catalog, tmp_path_factory) -> Path:
+def reference(short_adapter_run, catalog, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "out"
-    label(adapter_run, catalog, out)
+    label(short_adapter_run, catalog, out)
     return out
 
 
@@ -84,11 +84,11 @@ def fill(disk: Path, leave: int) -> Path:
     return filler
 
 
-def test_a_full_disk_fails_the_file_by_name_and_the_rerun_completes(adapter_run, catalog, reference, tmpfs):
+def test_a_full_disk_fails_the_file_by_name_and_the_rerun_completes(short_adapter_run, catalog, reference, tmpfs):
     out = tmpfs / "out"
     output_bytes = sum((reference / n).stat().st_size for n in ("a.parquet", "b.parquet"))
     filler = fill(tmpfs, leave=output_bytes)  # room for some batches, not for the parts and the joined file
-    result = label(adapter_run, catalog, out, check=1)
+    result = label(short_adapter_run, catalog, out, check=1)
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
     assert failed and all("No space left on device (ENOSPC)" in line for line in failed), result.stdout
@@ -98,34 +98,35 @@ def test_a_full_disk_fails_the_file_by_name_and_the_rerun_completes(adapter_run,
     assert not (out / "a.parquet").exists() and not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
     filler.unlink()  # space freed: the rerun resumes what was committed and completes
-    label(adapter_run, catalog, out)
+    label(short_adapter_run, catalog, out)
     same_as_reference(out, reference)
     manifest = json.loads((out / "_manifest" / "a.parquet.json").read_text())
     assert manifest["resumed_rows"] == committed and manifest["rows"] == ROWS
 
 
-def test_no_room_for_one_batch_is_refused_before_the_model_loads(adapter_run, catalog, tmpfs):
+def test_no_room_for_one_batch_is_refused_before_the_model_loads(short_adapter_run, catalog, tmpfs):
     fill(tmpfs, leave=16384)  # room to create the folder, not for a default batch of 4,096 rows
-    result = label(adapter_run, catalog, tmpfs / "out", batch=4096, check=2)
+    result = label(short_adapter_run, catalog, tmpfs / "out", batch=4096, check=2)
     assert result.stderr.strip().splitlines()[-1].startswith(f"catalog-tuner label: error: {tmpfs / 'out'}: ")
     assert "bytes free, a record batch needs about" in result.stderr
     assert "pipeline.model" not in result.stderr  # no model was loaded
 
 
-def test_an_unwritable_output_folder_is_refused_before_the_model_loads(adapter_run, catalog, tmp_path, monkeypatch):
+def test_an_unwritable_output_folder_is_refused_before_the_model_loads(short_adapter_run, catalog, tmp_path,
+                                                                       monkeypatch):
     import pipeline.label as label_module
 
     monkeypatch.setattr(label_module, "Labeler", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "a-file").write_text("")
     with pytest.raises(LabelError, match="a-file/out: cannot be written: Not a directory"):
-        label_module.label_catalogs(adapter_run, [str(catalog)], tmp_path / "a-file" / "out", progress=False)
+        label_module.label_catalogs(short_adapter_run, [str(catalog)], tmp_path / "a-file" / "out", progress=False)
     if os.geteuid() == 0:  # root passes permission checks: a read-only mount is what stops it
         readonly = tmp_path / "ro"
         readonly.mkdir()
         if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)]).returncode == 0:
             try:
                 with pytest.raises(LabelError, match=r"ro: cannot be written: Read-only file system \(EROFS\)"):
-                    label_module.label_catalogs(adapter_run, [str(catalog)], readonly, progress=False)
+                    label_module.label_catalogs(short_adapter_run, [str(catalog)], readonly, progress=False)
             finally:
                 subprocess.run(["umount", "-l", str(readonly)], check=True)
 
@@ -143,9 +144,9 @@ def stopped_with_parts(adapter, catalog, out, part: str) -> None:
     assert process.wait() == 75
 
 
-def test_damaged_committed_parts_are_relabeled_not_joined(adapter_run, catalog, reference, tmp_path):
+def test_damaged_committed_parts_are_relabeled_not_joined(short_adapter_run, catalog, reference, tmp_path):
     out = tmp_path / "out"
-    stopped_with_parts(adapter_run, catalog / "a.parquet", out, "part-000004.parquet")
+    stopped_with_parts(short_adapter_run, catalog / "a.parquet", out, "part-000004.parquet")
     parts = out / "_partial" / "a.parquet"
     recorded = json.loads((parts / "progress.json").read_text())["parts"]
     assert len(recorded) >= 5
@@ -155,7 +156,7 @@ def test_damaged_committed_parts_are_relabeled_not_joined(adapter_run, catalog, 
     data[len(data) // 2] ^= 0xFF  # same size, one byte changed
     flipped.write_bytes(bytes(data))
 
-    result = label(adapter_run, catalog, out)
+    result = label(short_adapter_run, catalog, out)
     for name in (truncated.name, flipped.name):
         assert (f"committed part {name} is not resumed, its bytes differ from those committed: relabeling its batch"
                 in result.stderr)
@@ -179,10 +180,10 @@ def paused_with_a_part(adapter, catalog: Path, out: Path) -> subprocess.Popen:
     return process
 
 
-def test_two_processes_on_one_output_folder_never_interleave(adapter_run, catalog, reference, tmp_path):
+def test_two_processes_on_one_output_folder_never_interleave(short_adapter_run, catalog, reference, tmp_path):
     out = tmp_path / "out"
-    first = paused_with_a_part(adapter_run, catalog / "a.parquet", out)
-    second = label(adapter_run, catalog, out, check=1)  # the whole catalog, while the first holds a.parquet
+    first = paused_with_a_part(short_adapter_run, catalog / "a.parquet", out)
+    second = label(short_adapter_run, catalog, out, check=1)  # the whole catalog, while the first holds a.parquet
     lock = out / "_partial" / "a.parquet.lock"
     assert (f"FAILED {catalog / 'a.parquet'}: {out / 'a.parquet'} is being labeled by another process (it holds "
             f"{lock}); skipped: run again when it is done, or pass --wait-for-lock") in second.stdout
@@ -192,10 +193,10 @@ def test_two_processes_on_one_output_folder_never_interleave(adapter_run, catalo
     same_as_reference(out, reference)
 
     out = tmp_path / "waiting"  # with --wait-for-lock the second waits, then finds the file done
-    first = paused_with_a_part(adapter_run, catalog / "a.parquet", out)
+    first = paused_with_a_part(short_adapter_run, catalog / "a.parquet", out)
     log = tmp_path / "second.log"
     with open(log, "w") as stderr:
-        second = subprocess.Popen([sys.executable, "-m", "pipeline", "label", "--adapter", str(adapter_run),
+        second = subprocess.Popen([sys.executable, "-m", "pipeline", "label", "--adapter", str(short_adapter_run),
                                    "--catalog", str(catalog), "--output", str(out), "--rows-per-batch", "25",
                                    "--batch-size", "25", *EXACT, "--wait-for-lock"], cwd=REPO, env=ENV,
                                   stdout=subprocess.PIPE, stderr=stderr, text=True)

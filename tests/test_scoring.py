@@ -121,20 +121,35 @@ def test_trie_scorer_equals_the_full_scorer(base_model, tokenizer, labels):
     assert by_trie.numpy() == pytest.approx(full.numpy(), abs=1e-3)  # the raw likelihoods too
 
 
+@pytest.fixture(scope="module")
+def exact_trie_scores(base_model, tokenizer):
+    """The exact trie scores of NAMES for a label set, computed once per set for the module."""
+    computed: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def scores(labels: list[str]) -> torch.Tensor:
+        if tuple(labels) not in computed:
+            prompts, _ = scoring.encode_prompts(tokenizer, NAMES)
+            computed[tuple(labels)] = trie.trie_log_likelihoods(base_model, tokenizer, prompts, labels, batch_size=8,
+                                                                progress=False)
+        return computed[tuple(labels)]
+    return scores
+
+
 @pytest.mark.parametrize("labels, temperature, tolerance", [
     (embedded_aisles(), 1.0, 0.05), (embedded_aisles(), 3.0, 0.999), (TAXONOMY, 1.0, 0.05), (TAXONOMY, 1.0, 0.999)],
     ids=["aisles-mass-0.05", "aisles-top-label-only", "shared-prefixes-mass-0.05", "shared-prefixes-top-label-only"])
 @pytest.mark.parametrize("nodes_per_label", [1, None], ids=["a-node-a-round", "whole-paths-a-round"])
 def test_trie_search_keeps_the_exact_top_label_and_probabilities_within_its_tolerance(base_model, tokenizer, labels,
                                                                                       temperature, tolerance,
-                                                                                      nodes_per_label):
+                                                                                      nodes_per_label,
+                                                                                      exact_trie_scores):
     """Shipped scores are (log-likelihood + offset) / T: the search must return the exact scorer's
     top label, exact scores for what it scored, every probability (and so every department's
     sum) within the tolerance, and skip labels to do so. The shared-prefix taxonomy's paths of up
     to eight nodes are taken a node at a time from their ancestors' kept keys and values, or
     whole (the default), a node then seeing ancestors from the same pass too."""
     prompts, _ = scoring.encode_prompts(tokenizer, NAMES)
-    exact = trie.trie_log_likelihoods(base_model, tokenizer, prompts, labels, batch_size=8, progress=False)
+    exact = exact_trie_scores(labels)
     offsets = 4 * torch.randn(len(NAMES), len(labels), generator=torch.Generator().manual_seed(0))  # lexical votes
     shipped = ((exact + offsets) / temperature).log_softmax(-1)
     stats: dict[str, float] = {}
@@ -186,6 +201,7 @@ def test_blend_renormalises_and_can_overturn_the_model():
     assert torch.allclose(scoring.blend_log_probs(log_probs, lexical, weight=0.0), log_probs)
 
 
+@pytest.mark.slow  # torch.compile: 20 s of the inner loop
 def test_the_compiled_path_scores_like_eager_mode(short_model, tokenizer, data_dir):
     """The compiled path (``eval.compile``) on 200 products, first-token and trie scorers. A
     two-layer cut of the real model keeps the compile to seconds; the path is the same code."""
