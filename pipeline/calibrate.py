@@ -86,6 +86,16 @@ def choose_blend(log_probs: torch.Tensor, decisions: torch.Tensor, truth: torch.
     return float(best), grid
 
 
+def implied_department(scores: torch.Tensor, predictor: Predictor, rows: pd.DataFrame) -> dict[str, float]:
+    """An aisle-level candidate's department figures: the departments its predicted aisles imply,
+    against those the rows' own aisles imply. One sweep ranks department- and aisle-level runs for the department task
+    on them, so each candidate of an aisle-level run says what it is worth there too."""
+    implied = np.asarray([predictor.parent[predictor.labels[i]] for i in scores.argmax(-1).tolist()], dtype=object)
+    truth = np.asarray([predictor.parent[label] for label in rows[predictor.level]], dtype=object)
+    accuracy, macro_f1 = _accuracy_and_f1(truth, implied)
+    return {"accuracy": round(accuracy, 4), "macro_f1": round(macro_f1, 4)}
+
+
 def choose_candidate(scores: dict[str, torch.Tensor], truth: torch.Tensor, labels: list[str]
                      ) -> tuple[str, str, dict[str, Any]]:
     """The candidate to ship among ``scores`` (name -> validation scores, names from
@@ -195,7 +205,9 @@ def fit(run_dir: str | Path, recipe: Recipe, progress: bool = True) -> dict[str,
                             **confidence_report((candidate / temperature).log_softmax(-1), truth),
                             "temperature": temperature,
                             "products_per_s": round(speed[name], 1) if speed.get(name) else None,
-                            **({"blend_weight": best} if name == "blend" else {})}
+                            **({"blend_weight": best} if name == "blend" else {}),
+                            **({"department": implied_department(candidate, predictor, validation)}
+                               if predictor.parent is not None else {})}
     temperature = candidates[shipped]["temperature"]
     chosen = scores[shipped]
     # The models before the file that names them; no stale one beside the run. The fused model is

@@ -9,6 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import scipy.sparse
 import torch
 
 from pipeline import calibrate, fused
@@ -42,6 +43,21 @@ def test_the_fused_svm_reads_the_hidden_state_where_names_say_nothing():
     accuracy = np.mean([p == t for p, t in zip(predicted, validation_labels)])
     assert accuracy > 0.9 and fit["grid"][f"C={fit['c']},alpha={fit['alpha']}"]["accuracy"] == pytest.approx(
         accuracy, abs=1e-4)
+
+
+def test_the_threaded_one_vs_rest_fit_is_linear_svcs_own():
+    """fit_svm solves LinearSVC's one-vs-rest problems on threads: the same decision values and
+    predictions as one LinearSVC on one core, with the attributes saving and scoring read."""
+    from sklearn.svm import LinearSVC
+
+    rng = np.random.default_rng(0)
+    x = scipy.sparse.random(400, 60, density=0.2, format="csr", random_state=1)
+    y = [["a", "b", "c", "d", "e"][i] for i in rng.integers(0, 5, 400)]
+    x = scipy.sparse.hstack([x, np.eye(5)[["abcde".index(v) for v in y]] * rng.random((400, 1))]).tocsr()
+    threaded, single = fused.fit_svm(x, y, 0.5, threads=2), LinearSVC(C=0.5).fit(x, y)
+    assert list(threaded.classes_) == list(single.classes_)
+    assert threaded.decision_function(x) == pytest.approx(single.decision_function(x), abs=1e-3)
+    assert (threaded.predict(x) == single.predict(x)).all()
 
 
 def test_the_fused_model_round_trips_with_identical_scores(tmp_path):
@@ -115,7 +131,7 @@ def test_the_training_rows_hidden_states_are_computed_once_per_adapter(fused_run
 def test_the_fused_candidate_needs_first_token_labels(aisle_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(aisle_run, run)
-    result = calibrate.fit(run, run_recipe(run, ["eval.max_samples=40", "eval.candidates=[adapter,fused]"]),
+    result = calibrate.fit(run, run_recipe(run, ["eval.max_samples=10", "eval.candidates=[adapter,fused]"]),
                            progress=False)
     assert result["shipped"] == "adapter" and "first-token" in result["fused"]["skipped"]
     with pytest.raises(ConfigError, match="first-token scorer only"):

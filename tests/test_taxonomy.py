@@ -157,6 +157,34 @@ def test_a_calibrated_aisle_run_labels_through_its_blend_what_its_exact_scores_s
     assert max(abs(a - b) for a, b in zip(*departments)) <= predictor.recipe.eval.trie_tolerance
 
 
+def test_each_candidate_of_an_aisle_run_records_the_departments_it_implies(aisle_run, data_dir, tmp_path):
+    """An aisle-level run competes for the department task too: calibration.json gives each
+    candidate's department accuracy, that of the parents of the aisles it predicts, which is never
+    below its aisle accuracy (a right aisle is a right department)."""
+    from pipeline import baseline, calibrate
+
+    run = tmp_path / "run"
+    shutil.copytree(aisle_run, run)
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns("baseline*"))
+    pd.read_parquet(data_dir / "train.parquet").head(4000).to_parquet(data / "train.parquet")
+    result = calibrate.fit(run, run_recipe(run, [f"data.dir={data}", "eval.max_samples=16",
+                                                 "eval.candidates=[lexical,adapter]"]), progress=False)
+    parent = json.loads((run / "taxonomy.json").read_text())["parent"]["aisle"]
+    validation = pd.read_parquet(data / "validation.parquet").head(16)
+    truth = validation["aisle"].map(parent)
+    lexical = baseline.fitted(data / "train.parquet", pd.read_parquet(data / "train.parquet"), "aisle")["model"]
+    predicted = {"lexical": list(lexical.predict(validation["product_name"].tolist())),
+                 "adapter": Predictor.from_run(run, calibrated=False).predict(
+                     validation["product_name"].tolist(), calibrated=False).labels}
+    for name, aisles in predicted.items():
+        figures = result["candidates"][name]
+        assert figures["department"]["accuracy"] == pytest.approx(
+            float((pd.Series(aisles).map(parent).to_numpy() == truth.to_numpy()).mean()), abs=1e-4), name
+        assert figures["department"]["accuracy"] >= figures["accuracy"]
+    assert result["candidates"]["lexical"]["department"]["accuracy"] > result["candidates"]["lexical"]["accuracy"]
+
+
 def instacart_csvs(tmp_path, aisle_of_department: list[tuple[int, int]]) -> DataConfig:
     """products.csv (aisle_id, department_id per row, cycling), departments.csv and aisles.csv."""
     rows = [(i + 1, f"product {i}", *aisle_of_department[i % len(aisle_of_department)]) for i in range(60)]
