@@ -112,14 +112,15 @@ def score_candidates(run: Path, recipe, calibration: dict[str, Any], split: str,
                      "core_hours_per_million": round(cores * seconds / len(names) * 1e6 / 3600, 3) if seconds else None,
                      "shipped": name == calibration["shipped"]}
         if predictor.parent is not None:  # an aisle-level run: what it is worth for the department task
-            implied = [predictor.parent.get(label) for label in prediction.labels]
             departments = sorted(set(predictor.parent.values()))
-            department = classification_metrics([predictor.parent[t] for t in truth], implied, departments)
+            true_departments = [predictor.parent[t] for t in truth]
             # the department of the most probable aisle, as labeling writes it; and, to measure
             # only, the department whose aisles sum to the most probability (may disagree with the aisle)
+            department = classification_metrics(true_departments, predictor.parent_prediction(prediction)[0],
+                                                departments)
             membership = torch.tensor([[float(predictor.parent[label] == d) for d in departments] for label in labels])
             marginal = [departments[i] for i in (prediction.log_probs.exp() @ membership).argmax(-1).tolist()]
-            summed = classification_metrics([predictor.parent[t] for t in truth], marginal, departments)
+            summed = classification_metrics(true_departments, marginal, departments)
             out[name]["department"] = {"accuracy": round(department["accuracy"], 4),
                                        "macro_f1": round(department["macro_f1"], 4),
                                        "marginal_accuracy": round(summed["accuracy"], 4),
