@@ -111,6 +111,9 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] | str = "all-linear"
+    top_layers: int | None = None
+    """The adapter on the last N decoder layers only (peft's ``layers_to_transform``); None: all.
+    Below the lowest adapted layer nothing needs a gradient, so backward stops there."""
     bias: str = "none"
     dtype: str = "auto"
     """The trained adapter's weights: ``auto`` is bf16 where the 4-bit layers compute in bf16 (trl's

@@ -24,7 +24,7 @@ from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from pipeline.config import LoraConfig, ModelConfig
-from pipeline.errors import ModelError
+from pipeline.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -303,14 +303,27 @@ def fit_embeddings(model, tokenizer: PreTrainedTokenizerBase) -> None:
         model.resize_token_embeddings(len(tokenizer))
 
 
-def peft_lora_config(cfg: LoraConfig):
+def peft_lora_config(cfg: LoraConfig, model):
+    """peft's LoRA config for ``model`` (the base it will adapt)."""
     from peft import LoraConfig as PeftLoraConfig
 
+    targets, adapted = cfg.target_modules, None
+    if cfg.top_layers is not None:
+        layers = model.config.num_hidden_layers
+        if not 1 <= cfg.top_layers <= layers:
+            raise ConfigError(f"lora.top_layers={cfg.top_layers}: the base model has {layers} decoder layers "
+                              f"(1 to {layers}, or null for all)")
+        adapted = list(range(layers - cfg.top_layers, layers))
+        if targets == "all-linear":  # peft takes a layer subset only with module names: its own all-linear's
+            head = model.get_output_embeddings()
+            targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                              if isinstance(module, torch.nn.Linear) and module is not head})
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
+        target_modules=targets,
+        layers_to_transform=adapted,
         bias=cfg.bias,
         task_type="CAUSAL_LM",
     )

@@ -358,7 +358,7 @@ def train(recipe: Recipe, run_dir: str | Path, evaluate_after: bool = True,
         args=sft_config(recipe, run, device),
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=peft_lora_config(recipe.lora),
+        peft_config=peft_lora_config(recipe.lora, model),
         callbacks=[stopper, NoPickledArguments(), *([] if on_terminal() else [StepLines()]), *(callbacks or [])],
         **objective,
     )

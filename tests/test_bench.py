@@ -55,6 +55,27 @@ def test_dequantization_time_counts_a_nested_dequantization_once():
     matmul = Event(name="aten::mm", cpu_parent=root, cpu_time_total=50.0)
     assert top_level_time_us([root, outer, inner, alone, matmul], ("dequantize",)) == (35.0, 2)
 
+def test_the_model_shape_cap_times_each_decoder_shape_once_and_leaves_the_head_out():
+    import torch
+
+    from pipeline.bench.machine import linear_shapes_gflops
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.gate, self.down = torch.nn.Linear(64, 128), torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)
+            self.head = torch.nn.Linear(64, 1000)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    cap = linear_shapes_gflops(Tiny(), rows=32, dtype=torch.float32, budget_s=0.05)
+    assert [(s["in"], s["out"], s["layers"]) for s in cap["shapes"]] == [(64, 128, 2), (128, 64, 1)]
+    rates = [s["gflops"] for s in cap["shapes"]]
+    # all FLOPs over all seconds: a rate between the slowest and the fastest shape's
+    assert min(rates) - 0.1 <= cap["gflops"] <= max(rates) + 0.1
+
+
 def test_synthetic_catalog_prelabels_all_but_the_new_fraction(data_dir, tmp_path):
     path = tmp_path / "catalog.parquet"
     synthetic_catalog(data_dir, 70_000, 0.01, "demo@0123456789ab", path)

@@ -86,13 +86,38 @@ def test_the_adapter_trains_in_fp32_unless_the_base_computes_in_bf16(short_model
     model = load_base_model(short_model, ModelConfig(), "cpu", quantize=True)
     dataset = Dataset.from_dict(to_prompt_completion(pd.DataFrame({"product_name": ["Ice"], "department": ["frozen"]})))
     trainer = SFTTrainer(model=model, args=sft_config(Recipe(), tmp_path, "cpu"), train_dataset=dataset,
-                         processing_class=tokenizer, peft_config=peft_lora_config(LoraConfig()))
+                         processing_class=tokenizer, peft_config=peft_lora_config(LoraConfig(), model))
     frozen = {n: p.dtype for n, p in trainer.model.named_parameters() if not p.requires_grad}
     assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.bfloat16}  # trl's choice
     cast_trainable_parameters(trainer.model, torch.float32)
     assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
     assert {n: p.dtype for n, p in trainer.model.named_parameters() if not p.requires_grad} == frozen
     assert any(type(p).__name__ == "Params4bit" for p in trainer.model.parameters())  # still NF4-packed
+
+
+def test_top_layers_adapts_only_the_last_layers_and_backward_stops_below_them(short_model, tokenizer, tmp_path):
+    """lora.top_layers=1 on the two-layer model: adapters in layer 1 only, and a backward pass
+    leaves layer 0's activations without gradients (what makes such a step cheaper)."""
+    from peft import get_peft_model
+
+    from pipeline.config import LoraConfig, ModelConfig
+    from pipeline.errors import ConfigError
+    from pipeline.model import load_base_model, peft_lora_config
+
+    model = load_base_model(short_model, ModelConfig(quantization="none"), "cpu", quantize=False)
+    peft_model = get_peft_model(model, peft_lora_config(LoraConfig(top_layers=1), model))
+    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert adapted == {1}
+    reached = []
+    decoder = peft_model.get_base_model().model
+    for layer in decoder.layers:
+        layer.register_forward_hook(lambda _m, _i, out: reached.append(
+            (out[0] if isinstance(out, tuple) else out).requires_grad))
+    batch = tokenizer(["Bread Rolls ->: bakery"], return_tensors="pt")
+    peft_model(**batch, labels=batch["input_ids"]).loss.backward()
+    assert reached == [False, True]  # layer 0's output needs no gradient: autograd never enters it
+    with pytest.raises(ConfigError, match="lora.top_layers=3: the base model has 2 decoder layers"):
+        peft_lora_config(LoraConfig(top_layers=3), model)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,9 @@
     the tutorial's free generation vs the constrained labeler on each inference path (float32,
     compiled, int8 dynamic, bf16, and ``auto``: what the recipe resolves to here) on the same
     validation products, same adapter, same process: products/s, speedup, accuracy, agreement with
-    float32, achieved GFLOP/s against the fp32 and bf16 matmul peaks measured in the same run;
-    then batch sizes and thread counts on the auto path.
+    float32, achieved GFLOP/s against the fp32 and bf16 matmul peaks measured in the same run and
+    against the model's own matrix shapes at the labeler's batch (its ceiling); then batch sizes
+    and thread counts on the auto path.
 ``python -m pipeline.bench profile --adapter RUN_DIR [--levers float32 float32+compiled int8-dynamic bfloat16]``
     one labeling batch under torch.profiler on each inference path: the top operators by self CPU
     time and their share, and the share of matrix products.

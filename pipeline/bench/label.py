@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.bench.machine import command_line, machine, matmul_peak_gflops
+from pipeline.bench.machine import command_line, linear_shapes_gflops, machine, matmul_peak_gflops
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
         raise SystemExit(f"--tutorial-on {tutorial_lever}: not a measured path (float32, {', '.join(levers)})")
     held_out = held_out_products(data, n)
     n = len(held_out)  # the split may hold fewer: rates are over the products scored
-    names, truth = held_out["product_name"].tolist(), held_out["department"].tolist()
+    level = run_recipe(adapter).data.label_level  # an aisle-level run is scored on its aisles
+    names, truth = held_out["product_name"].tolist(), held_out[level].tolist()
     start_peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
 
     def agreement(a: list[str | None], b: list[str | None]) -> float:
@@ -144,7 +145,9 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
     paths, reference, tutorial, default_path, fp32_model = [], None, None, None, None
     for lever in ["float32", *[lever for lever in levers if lever != "float32"]]:
         predictor = lever_predictor(adapter, lever, batch_size)
-        fp32_model = predictor.model if fp32_model is None else fp32_model
+        if fp32_model is None:
+            fp32_model, fp32_model_tokenizer, max_prompt_tokens = (predictor.model, predictor.tokenizer,
+                                                                   predictor.max_prompt_tokens)
         emulated = predictor.path.dtype == torch.bfloat16 and predictor.device == "cpu" and not cpu_has_native_bf16()
         k = min(n, emulated_n) if emulated else n
         if predictor.calibration:
@@ -204,9 +207,19 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
     # another 76 GFLOP/s against 111-131 in the same minutes. The higher of the two is the peak.
     machine_record = machine("cpu")
     peak = {k: max(v, machine_record["matmul_peak_gflops"][k]) for k, v in start_peak.items()}
+    # The model's own shapes at the labeler's batch (its mean padded rows): the cap of the square peak's
+    # fraction a 576-wide model can reach, measured in the same process.
+    prompts, _ = scoring.encode_prompts(fp32_model_tokenizer, names, max_prompt_tokens)
+    lengths = sorted(len(p) for p in prompts)
+    batches = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
+    rows = round(sum(max(b) * len(b) for b in batches) / len(batches))
+    own_shapes = {"fp32": linear_shapes_gflops(fp32_model, rows, torch.float32),
+                  "bf16": linear_shapes_gflops(fp32_model, rows, torch.bfloat16)}
     for record in paths:
         record["fraction_of_fp32_peak"] = round(record["achieved_gflops"] / peak["fp32"], 3)
         record["fraction_of_bf16_peak"] = round(record["achieved_gflops"] / peak["bf16"], 3)
+        for dtype, cap in own_shapes.items():
+            record[f"fraction_of_{dtype}_model_shapes"] = round(record["achieved_gflops"] / cap["gflops"], 3)
         if tutorial:
             record["speedup_vs_tutorial"] = round(record["products_per_s"] / tutorial["products_per_s"], 1)
     return {"benchmark": "label", "command": command_line(), "adapter": str(adapter),
@@ -214,6 +227,7 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
             "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()},
             "matmul_peak_probes_gflops": {"start": {k: round(v, 1) for k, v in start_peak.items()},
                                           "end": machine_record["matmul_peak_gflops"]},
+            "model_shapes_gflops": own_shapes,
             "tutorial_generation": tutorial,
             "paths": paths, "batch_size_and_threads": tuning}
 

@@ -44,6 +44,43 @@ def matmul_peak_gflops(dtype: torch.dtype, max_size: int = 2048, budget_s: float
     return 2 * size**3 * repeat / best / 1e9
 
 
+def linear_shapes_gflops(model, rows: int, dtype: torch.dtype, budget_s: float = 1.0) -> dict[str, Any]:
+    """GFLOP/s of the model's own matrix products: each distinct ``nn.Linear`` shape of the decoder
+    (the output head left out) at ``rows`` tokens a product, weighted by how often the model runs it.
+
+    This is the ceiling a labeler of this model can reach at that batch even if everything but the
+    matrix products were free: 576-wide layers at a few hundred rows run well below a square
+    2048-wide product's rate, which is what :func:`matmul_peak_gflops` measures.
+    """
+    head = model.get_output_embeddings()
+    counts: dict[tuple[int, int], int] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            shape = (module.in_features, module.out_features)
+            counts[shape] = counts.get(shape, 0) + 1
+    flops = seconds = 0.0
+    shapes = []
+    for (inputs, outputs), count in sorted(counts.items()):
+        x = torch.randn(rows, inputs, dtype=dtype)
+        w = torch.randn(inputs, outputs, dtype=dtype)
+        x @ w  # warm-up: oneDNN builds its kernel for the shape on first use
+        repeat = max(3, int(budget_s / len(counts) / max(_time(x, w), 1e-6)))
+        best = min(_time(x, w, repeat) for _ in range(3)) / repeat
+        shapes.append({"in": inputs, "out": outputs, "layers": count,
+                       "gflops": round(2 * rows * inputs * outputs / best / 1e9, 1)})
+        flops += 2.0 * rows * inputs * outputs * count
+        seconds += best * count
+    return {"rows": rows, "dtype": str(dtype).removeprefix("torch."), "gflops": round(flops / seconds / 1e9, 1),
+            "shapes": shapes}
+
+
+def _time(x: torch.Tensor, w: torch.Tensor, repeat: int = 1) -> float:
+    start = time.perf_counter()
+    for _ in range(repeat):
+        x @ w
+    return time.perf_counter() - start
+
+
 RELEVANT_CPU_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni",
                       "avx2")
 
