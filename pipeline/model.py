@@ -303,6 +303,14 @@ def fit_embeddings(model, tokenizer: PreTrainedTokenizerBase) -> None:
         model.resize_token_embeddings(len(tokenizer))
 
 
+def decoder_linear_layers(model) -> list[tuple[str, torch.nn.Module]]:
+    """The model's ``nn.Linear`` layers but its output head: what "all-linear" adapts (peft's own
+    rule), what int8 quantizes and whose shapes bound a labeler's matrix products."""
+    head = model.get_output_embeddings()
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head]
+
+
 def peft_lora_config(cfg: LoraConfig, model):
     """peft's LoRA config for ``model`` (the base it will adapt)."""
     from peft import LoraConfig as PeftLoraConfig
@@ -315,9 +323,7 @@ def peft_lora_config(cfg: LoraConfig, model):
                               f"(1 to {layers}, or null for all)")
         adapted = list(range(layers - cfg.top_layers, layers))
         if targets == "all-linear":  # peft takes a layer subset only with module names: its own all-linear's
-            head = model.get_output_embeddings()
-            targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                              if isinstance(module, torch.nn.Linear) and module is not head})
+            targets = sorted({name.rsplit(".", 1)[-1] for name, _ in decoder_linear_layers(model)})
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,

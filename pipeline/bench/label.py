@@ -32,15 +32,20 @@ def parse_generation(text: str, prompt: str, labels: list[str]) -> str | None:
     return min(found)[2] if found else None
 
 
+def padded_batch_rows(prompts: list[list[int]], batch_size: int) -> list[int]:
+    """Each batch's tokens once padded to its longest prompt, the prompts sorted by length as the
+    scorer sorts them: the rows its matrix products run on."""
+    lengths = sorted(len(p) for p in prompts)
+    return [max(lengths[i:i + batch_size]) * len(lengths[i:i + batch_size]) for i in range(0, len(lengths), batch_size)]
+
+
 def forward_flops(model, prompts: list[list[int]], batch_size: int, labels: int) -> tuple[float, int]:
     """FLOPs of the first-token scorer's batches (padding included) and the real prompt tokens."""
     body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
     head = model.get_output_embeddings().weight.shape[1] * labels
-    lengths = sorted(len(p) for p in prompts)
-    padded = sum(max(lengths[i:i + batch_size]) * len(lengths[i:i + batch_size])
-                 for i in range(0, len(lengths), batch_size))
+    padded = sum(padded_batch_rows(prompts, batch_size))
     # 2 FLOPs per weight per token, plus attention scores (small at ~12 tokens), plus the labels' head rows
-    return 2.0 * body * padded + 2.0 * head * len(prompts), sum(lengths)
+    return 2.0 * body * padded + 2.0 * head * len(prompts), sum(len(p) for p in prompts)
 
 
 LEVERS: dict[str, list[str]] = {
@@ -59,9 +64,9 @@ def quantize_linear_layers(model) -> None:
     Measured, not shipped: it cost the adapter 28 points of accuracy (results/README.md)."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    head = model.get_output_embeddings()
-    names = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and module is not head}
+    from pipeline.model import decoder_linear_layers
+
+    names = {name: per_channel_dynamic_qconfig for name, _ in decoder_linear_layers(model)}
     quantize_dynamic(model, qconfig_spec=names, dtype=torch.qint8, inplace=True)
 
 
@@ -210,9 +215,8 @@ def bench_label(adapter: Path, data: Path, n: int, tutorial_n: int, batch_size: 
     # The model's own shapes at the labeler's batch (its mean padded rows): the cap of the square peak's
     # fraction a 576-wide model can reach, measured in the same process.
     prompts, _ = scoring.encode_prompts(fp32_model_tokenizer, names, max_prompt_tokens)
-    lengths = sorted(len(p) for p in prompts)
-    batches = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
-    rows = round(sum(max(b) * len(b) for b in batches) / len(batches))
+    batches = padded_batch_rows(prompts, batch_size)
+    rows = round(sum(batches) / len(batches))
     own_shapes = {"fp32": linear_shapes_gflops(fp32_model, rows, torch.float32),
                   "bf16": linear_shapes_gflops(fp32_model, rows, torch.bfloat16)}
     for record in paths:

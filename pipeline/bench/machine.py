@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.model import synchronize
+from pipeline.model import decoder_linear_layers, synchronize
 
 
 def matmul_peak_gflops(dtype: torch.dtype, max_size: int = 2048, budget_s: float = 1.0, device: str = "cpu") -> float:
@@ -26,22 +27,23 @@ def matmul_peak_gflops(dtype: torch.dtype, max_size: int = 2048, budget_s: float
         if device != "cpu":
             a @ b  # a GPU's first product also starts its BLAS library: never the one timed
         synchronize()
-        start = time.perf_counter()
-        a @ b  # also the warm-up
-        synchronize()
-        seconds = time.perf_counter() - start
+        seconds = matmul_seconds(a, b)  # also the warm-up
         if size >= max_size or seconds * 8 > budget_s / 4:  # the next size costs 8x
             break
         size *= 2
     repeat = max(1, min(5, int(budget_s / max(seconds, 1e-9))))
-    best = float("inf")
-    for _ in range(3):  # best of three: on a shared 2-core VM one timing came out at 40% of the others
-        start = time.perf_counter()
-        for _ in range(repeat):
-            a @ b
-        synchronize()
-        best = min(best, time.perf_counter() - start)
+    # best of three: on a shared 2-core VM one timing came out at 40% of the others
+    best = min(matmul_seconds(a, b, repeat) for _ in range(3))
     return 2 * size**3 * repeat / best / 1e9
+
+
+def matmul_seconds(a: torch.Tensor, b: torch.Tensor, repeat: int = 1) -> float:
+    """Seconds for ``repeat`` products ``a @ b``, a GPU's queue drained before the clock stops."""
+    start = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    synchronize()
+    return time.perf_counter() - start
 
 
 def linear_shapes_gflops(model, rows: int, dtype: torch.dtype, budget_s: float = 1.0) -> dict[str, Any]:
@@ -52,33 +54,21 @@ def linear_shapes_gflops(model, rows: int, dtype: torch.dtype, budget_s: float =
     matrix products were free: 576-wide layers at a few hundred rows run well below a square
     2048-wide product's rate, which is what :func:`matmul_peak_gflops` measures.
     """
-    head = model.get_output_embeddings()
-    counts: dict[tuple[int, int], int] = {}
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module is not head:
-            shape = (module.in_features, module.out_features)
-            counts[shape] = counts.get(shape, 0) + 1
+    counts = Counter((module.in_features, module.out_features) for _, module in decoder_linear_layers(model))
     flops = seconds = 0.0
     shapes = []
     for (inputs, outputs), count in sorted(counts.items()):
         x = torch.randn(rows, inputs, dtype=dtype)
         w = torch.randn(inputs, outputs, dtype=dtype)
         x @ w  # warm-up: oneDNN builds its kernel for the shape on first use
-        repeat = max(3, int(budget_s / len(counts) / max(_time(x, w), 1e-6)))
-        best = min(_time(x, w, repeat) for _ in range(3)) / repeat
+        repeat = max(3, int(budget_s / len(counts) / max(matmul_seconds(x, w), 1e-6)))
+        best = min(matmul_seconds(x, w, repeat) for _ in range(3)) / repeat
         shapes.append({"in": inputs, "out": outputs, "layers": count,
                        "gflops": round(2 * rows * inputs * outputs / best / 1e9, 1)})
         flops += 2.0 * rows * inputs * outputs * count
         seconds += best * count
     return {"rows": rows, "dtype": str(dtype).removeprefix("torch."), "gflops": round(flops / seconds / 1e9, 1),
             "shapes": shapes}
-
-
-def _time(x: torch.Tensor, w: torch.Tensor, repeat: int = 1) -> float:
-    start = time.perf_counter()
-    for _ in range(repeat):
-        x @ w
-    return time.perf_counter() - start
 
 
 RELEVANT_CPU_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni",
